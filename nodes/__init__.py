@@ -1,0 +1,18 @@
+"""ComfyUI glue: one module per capability, each exporting ``NODES``; gathered here."""
+
+import logging
+
+logger = logging.getLogger("turbostream")
+
+ALL_NODES: list = []
+
+_loaded = False
+
+
+def on_load() -> None:
+    """Idempotent one-time setup shared by ``ComfyExtension.on_load`` and ``get_node_list``."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    logger.info("TurboStream loaded: %d nodes", len(ALL_NODES))
