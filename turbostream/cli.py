@@ -84,8 +84,7 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     workflow = client.load_workflow(args.workflow)
     jobs = client.expand_jobs(workflow, _parse_sets(args.set))
     servers = args.server or ["127.0.0.1:8188"]
-    results = client.run_jobs(jobs, servers, out_dir=Path(args.out), timeout=args.timeout,
-                              progress=not args.quiet)
+    results = client.run_jobs(jobs, servers, out_dir=Path(args.out), timeout=args.timeout, progress=not args.quiet)
     for result in results:
         for path in result.images:
             print(path)
@@ -132,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-models", action="store_true", help="skip making the tiny models")
     p.set_defaults(func=_cmd_setup)
 
-    models = sub.add_parser("models", help="tiny test models and real weights").add_subparsers(dest="models_command", required=True)
+    models = sub.add_parser("models", help="tiny test models and real weights").add_subparsers(
+        dest="models_command", required=True
+    )
     p = models.add_parser("make-tiny", help="write tiny random-weight models with real key layouts")
     p.add_argument("--out", default=str(TINY_MODELS_DIR), help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1234)
@@ -150,10 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("queue", help="queue an API-format workflow and download its images")
     p.add_argument("workflow", help="API-format workflow JSON (workflows/api/*.json)")
-    p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
-                   help="override an input; VALUE may be a,b,c (one job each), START..END (ints) or a folder of images")
-    p.add_argument("--server", action="append", metavar="HOST:PORT",
-                   help="ComfyUI server; repeat to spread jobs over several hosts (default 127.0.0.1:8188)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NODE.INPUT=VALUE",
+        help="override an input; VALUE may be a,b,c (one job each), START..END (ints) or a folder of images",
+    )
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="HOST:PORT",
+        help="ComfyUI server; repeat to spread jobs over several hosts (default 127.0.0.1:8188)",
+    )
     p.add_argument("--out", default="out/queue", help="where images are written (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each job")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -175,8 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return args.func(args)
     except KeyboardInterrupt:

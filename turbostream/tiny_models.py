@@ -233,7 +233,9 @@ def _lora_targets(family: str, fmt: str) -> dict[str, tuple[int, ...]]:
     if fmt == "kohya":
         # kohya spells UNet modules by their diffusers path with "_" for ".".
         diffusers_paths = comfy.utils.unet_to_diffusers(model.model_config.unet_config)
-        names = {"lora_unet_" + k[: -len(".weight")].replace(".", "_") for k in diffusers_paths if k.endswith(".weight")}
+        names = {
+            "lora_unet_" + k[: -len(".weight")].replace(".", "_") for k in diffusers_paths if k.endswith(".weight")
+        }
         candidates = {k: v for k, v in unet_map.items() if k in names}
         te_prefixes = ("lora_te1_", "lora_te2_") if family == "sdxl" else ("lora_te_",)
         te_map = comfy.lora.model_lora_keys_clip(clip_model, {})
@@ -278,12 +280,18 @@ def lora_state_dict(family: str, fmt: str, seed: int = DEFAULT_SEED, rank: int =
 
 
 def _fingerprint(seed: int) -> str:
-    payload = json.dumps({"v": FORMAT_VERSION, "seed": seed, "unet": UNET_CONFIGS, "lora_rank": LORA_RANK}, sort_keys=True)
+    payload = json.dumps(
+        {"v": FORMAT_VERSION, "seed": seed, "unet": UNET_CONFIGS, "lora_rank": LORA_RANK}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def make_all(out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int = DEFAULT_SEED,
-             families: tuple[str, ...] = tuple(UNET_CONFIGS)) -> dict[str, Path]:
+def make_all(
+    out_dir: str | os.PathLike,
+    host_dir: str | os.PathLike,
+    seed: int = DEFAULT_SEED,
+    families: tuple[str, ...] = tuple(UNET_CONFIGS),
+) -> dict[str, Path]:
     """Write every tiny model under ``out_dir/<host folder>/``; cached by a fingerprint file.
 
     Returns ``{"<folder>/<name>": path}`` for everything written or already present.
@@ -300,9 +308,14 @@ def make_all(out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int 
         jobs.append((CHECKPOINTS[family], lambda f=family: checkpoint_state_dict(f, seed)))
     for key, tf in TAESD_FILES.items():
         variant, part = key.rsplit("_", 1)
-        jobs.append((tf, lambda v=variant, p=part: {
-            k.split(".", 1)[1]: t for k, t in _taesd_state_dict(v, seed).items() if k.startswith(f"taesd_{p}.")
-        }))
+        jobs.append(
+            (
+                tf,
+                lambda v=variant, p=part: {
+                    k.split(".", 1)[1]: t for k, t in _taesd_state_dict(v, seed).items() if k.startswith(f"taesd_{p}.")
+                },
+            )
+        )
     for (family, fmt), tf in LORA_FILES.items():
         if family in families:
             jobs.append((tf, lambda f=family, m=fmt: lora_state_dict(f, m, seed)))

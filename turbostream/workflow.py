@@ -82,8 +82,12 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any
             "order": order,
             "mode": 0,
             "inputs": [],
-            "outputs": [{"name": name, "type": typ, "links": [], "slot_index": i}
-                        for i, (typ, name) in enumerate(zip(info["output"], info.get("output_name", info["output"])))],
+            "outputs": [
+                {"name": name, "type": typ, "links": [], "slot_index": i}
+                for i, (typ, name) in enumerate(
+                    zip(info["output"], info.get("output_name", info["output"]), strict=True)
+                )
+            ],
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": [],
         }
@@ -155,8 +159,10 @@ def check_ui(ui: dict[str, Any], object_info: dict[str, Any]) -> list[str]:
         if dst_slot >= len(ins) or ins[dst_slot].get("link") != link_id:
             problems.append(f"link {link_id}: node {dst_id} input {dst_slot} does not point back to it")
         elif ins[dst_slot].get("type") not in (typ, "*") and typ != "*":
-            problems.append(f"link {link_id}: carries {typ} into {dst['type']}.{ins[dst_slot]['name']} "
-                            f"of type {ins[dst_slot].get('type')}")
+            problems.append(
+                f"link {link_id}: carries {typ} into {dst['type']}.{ins[dst_slot]['name']} "
+                f"of type {ins[dst_slot].get('type')}"
+            )
         if src["type"] in object_info and src_slot < len(object_info[src["type"]]["output"]):
             declared = object_info[src["type"]]["output"][src_slot]
             if declared != typ:
@@ -170,3 +176,46 @@ def check_ui(ui: dict[str, Any], object_info: dict[str, Any]) -> list[str]:
                 if lid not in link_ids:
                     problems.append(f"node {n['id']} output {slot}: link {lid} does not exist")
     return problems
+
+
+def native_txt2img(
+    ckpt: str, lora: str | None = None, size: int = 64, seed: int = 0, prefix: str = "turbostream/txt2img"
+) -> dict:
+    """A host-native one-step workflow (optionally through LoraLoader) for checks on the tiny models."""
+    wf = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a fox", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": seed,
+                "steps": 1,
+                "cfg": 1.0,
+                "sampler_name": "euler_ancestral",
+                "scheduler": "sgm_uniform",
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+            },
+        },
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["6", 0]}},
+    }
+    if lora:
+        wf["8"] = {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": lora,
+                "strength_model": 1.0,
+                "strength_clip": 1.0,
+            },
+        }
+        wf["2"]["inputs"]["clip"] = wf["3"]["inputs"]["clip"] = ["8", 1]
+        wf["5"]["inputs"]["model"] = ["8", 0]
+    return wf

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny models (made once, cached in .cache/) and one real ComfyUI host per session."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from turbostream import client, tiny_models  # noqa: E402
+from turbostream import host as host_mod  # noqa: E402
+from turbostream.cli import TINY_MODELS_DIR  # noqa: E402
+from turbostream.server import HeadlessHost, demo_model_links  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "host" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.host)
+
+
+@pytest.fixture(scope="session")
+def host_dir() -> Path:
+    return host_mod.ensure_host()
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(host_dir) -> Path:
+    tiny_models.make_all(TINY_MODELS_DIR, host_dir)
+    return TINY_MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def comfy(host_dir):
+    """The host's ``comfy`` package imported in this process (for layout checks, no server)."""
+    tiny_models._import_host(host_dir)
+    import comfy.lora  # noqa: F401
+    import comfy.model_detection  # noqa: F401
+
+    return sys.modules["comfy"]
+
+
+_PEAKS: dict[str, float] = {}
+
+
+def _peak_rss_gib(pid: int | str = "self") -> float:
+    """VmHWM (peak resident set) of a process from /proc, in GiB; 0 where unavailable."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+@pytest.fixture(scope="session")
+def host(host_dir, tiny_models_dir):
+    """One headless ComfyUI with the pack and the tiny models (under tiny and standard names)."""
+    server = HeadlessHost(host_dir, model_links=demo_model_links(tiny_models_dir))
+    server.start()
+    yield server
+    if server.process is not None:
+        _PEAKS["host"] = _peak_rss_gib(server.process.pid)
+    server.cleanup()
+
+
+def pytest_terminal_summary(terminalreporter):
+    _PEAKS["tests"] = _peak_rss_gib()
+    peaks = ", ".join(f"{k} process {v:.2f} GiB" for k, v in _PEAKS.items() if v)
+    terminalreporter.write_line(f"peak resident memory: {peaks}")
+
+
+@pytest.fixture(scope="session")
+def object_info(host) -> dict:
+    return host.get_json("/object_info", timeout=120)
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def queue(server: HeadlessHost, workflow: dict, out_dir: Path) -> client.JobResult:
+    """Run one API workflow on ``server`` and return its result (raises ClientError on failure)."""
+    [result] = client.run_jobs([workflow], [server.address], out_dir, timeout=600, progress=False)
+    return result
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack imported in-process the way the host imports it (by path, as a package)."""
+    import importlib.util
+
+    name = "comfyui_turbostream_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack_node_ids(pack) -> list[str]:
+    import asyncio
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return [cls.define_schema().node_id for cls in asyncio.run(extension.get_node_list())]

@@ -1,0 +1,74 @@
+"""Bundled workflows: every API file runs on the tiny models; every UI file is consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO_ROOT, load_json, queue
+from PIL import Image
+
+from turbostream import tiny_models, workflow
+from turbostream.workflow import native_txt2img
+
+API_FILES = sorted((REPO_ROOT / "workflows" / "api").glob("*.json"))
+UI_FILES = sorted((REPO_ROOT / "workflows" / "ui").glob("*.json"))
+
+
+def test_every_api_workflow_has_a_ui_twin():
+    assert API_FILES, "no bundled API workflows"
+    assert [p.name for p in API_FILES] == [p.name for p in UI_FILES]
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
+def test_api_workflow_executes(host, tmp_path, path):
+    result = queue(host, load_json(path), tmp_path)
+    assert result.images, f"{path.name} produced no output image"
+    for image in result.images:
+        with Image.open(image) as im:
+            assert im.width >= 64 and im.height >= 64
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_is_consistent(object_info, path):
+    assert workflow.check_ui(load_json(path), object_info) == []
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_matches_its_api_twin(object_info, path):
+    """UI files are built from the API files (python -m turbostream workflows build-ui): no drift."""
+    rebuilt = workflow.api_to_ui(load_json(REPO_ROOT / "workflows" / "api" / path.name), object_info)
+    assert json.loads(json.dumps(rebuilt)) == load_json(path)
+
+
+def test_check_ui_catches_broken_links(object_info):
+    ui = load_json(UI_FILES[0])
+    ui["links"][0][3] = 999  # point a link at a node that does not exist
+    ui["nodes"][0]["type"] = "NoSuchNode"
+    problems = workflow.check_ui(ui, object_info)
+    assert any("missing node 999" in p for p in problems)
+    assert any("NoSuchNode" in p for p in problems)
+
+
+@pytest.mark.parametrize("family,fmt", sorted(tiny_models.LORA_FILES))
+def test_host_lora_loader_maps_every_key(host, tmp_path, family, fmt):
+    """The host's own LoraLoader applies the tiny LoRA files without a single unmatched key."""
+    ckpt = tiny_models.CHECKPOINTS[family].name
+    lora = tiny_models.LORA_FILES[(family, fmt)].name
+    before = len(host.log_text())
+    queue(host, native_txt2img(ckpt, lora=lora, seed=1), tmp_path)
+    new_log = host.log_text()[before:]
+    assert "lora key not loaded" not in new_log, new_log[-2000:]
+
+
+def test_lora_check_detects_unmatched_keys(host, tmp_path):
+    """The check above can fail: an SDXL LoRA on an SD1.5 model leaves keys unmatched in the log."""
+    before = len(host.log_text())
+    queue(
+        host,
+        native_txt2img(
+            tiny_models.CHECKPOINTS["sd15"].name, lora=tiny_models.LORA_FILES[("sdxl", "diffusers")].name, seed=2
+        ),
+        tmp_path,
+    )
+    assert "lora key not loaded" in host.log_text()[before:]
