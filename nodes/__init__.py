@@ -4,7 +4,9 @@ import logging
 
 logger = logging.getLogger("turbostream")
 
-ALL_NODES: list = []
+from . import add_sampler
+
+ALL_NODES: list = [*add_sampler.NODES]
 
 _loaded = False
 

@@ -3,6 +3,7 @@
 Each host gets its own temporary ``--base-directory``: ``custom_nodes/`` holds a link to this
 repository, ``models/<folder>/`` holds links to the model files it should see (never the files
 themselves, so tests can add or corrupt files without touching the cache), and ``input/``,
+``input/`` holds links to the example images the bundled workflows load (``workflows/inputs/``), and
 ``output/``, ``temp/`` and ``user/`` start empty.
 """
 
@@ -102,6 +103,10 @@ class HeadlessHost:
         link = self.base_dir / "custom_nodes" / PACK_FOLDER_NAME
         if not link.is_symlink():
             link.symlink_to(REPO_ROOT, target_is_directory=True)
+        for example in sorted((REPO_ROOT / "workflows" / "inputs").glob("*")):
+            target = self.input_dir / example.name  # images the bundled workflows load
+            if not target.exists() and not target.is_symlink():
+                target.symlink_to(example)
         for folder, files in self.model_links.items():
             dest = self.models_dir / folder
             dest.mkdir(parents=True, exist_ok=True)
