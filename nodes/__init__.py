@@ -2,9 +2,9 @@
 
 import logging
 
-logger = logging.getLogger("turbostream")
-
 from . import add_sampler
+
+logger = logging.getLogger("turbostream")
 
 ALL_NODES: list = [*add_sampler.NODES]
 
