@@ -24,8 +24,7 @@ def _timesteps(node_id: str, schedule: str, steps: int, denoise: float, timestep
     try:
         return core.add_timesteps(schedule, steps, denoise, timesteps)
     except core.ScheduleError as exc:
-        name = "timesteps" if schedule == "custom" else ("denoise" if "denoise" in str(exc) else "steps")
-        raise NodeInputError(node_id, name, str(exc)) from None
+        raise NodeInputError(node_id, exc.input_name, str(exc)) from None
 
 
 def _validate(steps, schedule, timesteps, denoise) -> bool | str:
@@ -50,8 +49,10 @@ def _model_sampling(model_k):
 
 def _check_model_sampling(sampling) -> None:
     if isinstance(sampling, comfy.model_sampling.CONST):
-        raise ValueError("TurboStream ADD sampling supports epsilon/v-prediction models (SD1.x, SD2.x, SDXL and their "
-                         "turbo/LCM variants), not flow-matching models; use the host's samplers for those.")
+        raise ValueError(
+            "TurboStream ADD sampling supports epsilon/v-prediction models (SD1.x, SD2.x, SDXL and their "
+            "turbo/LCM variants), not flow-matching models; use the host's samplers for those."
+        )
 
 
 def sample_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -64,8 +65,9 @@ def sample_renoise(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """KSAMPLER function: predict x0, then forward-noise it to the next sigma with fresh noise."""
     sampling = _model_sampling(model)
     _check_model_sampling(sampling)
-    return core.sample(model, x, sigmas, "renoise", extra_args=extra_args, callback=callback,
-                       noise_scaling=sampling.noise_scaling)
+    return core.sample(
+        model, x, sigmas, "renoise", extra_args=extra_args, callback=callback, noise_scaling=sampling.noise_scaling
+    )
 
 
 UPDATE_FUNCTIONS = {"ancestral": sample_ancestral, "renoise": sample_renoise}
@@ -73,13 +75,28 @@ UPDATE_FUNCTIONS = {"ancestral": sample_ancestral, "renoise": sample_renoise}
 
 def _schedule_inputs() -> list:
     return [
-        io.Int.Input("steps", default=1, min=1, max=core.MAX_STEPS,
-                     tooltip="Sampling steps (1-4 for ADD models; each step is one model call). Ignored for custom."),
+        io.Int.Input(
+            "steps",
+            default=1,
+            min=1,
+            max=core.MAX_STEPS,
+            tooltip="Sampling steps (1-4 for ADD models; each step is one model call). Ignored for custom.",
+        ),
         io.Combo.Input("schedule", options=list(core.SCHEDULES), default="stability", tooltip=SCHEDULE_TOOLTIP),
-        advanced(io.String.Input, "timesteps", default="999,499",
-                 tooltip="Used when schedule is custom: strictly decreasing integers in 0-999, at most 8, e.g. 999,499."),
-        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="1.0 for txt2img; below 1.0 for img2img (how far the input latent is re-noised)."),
+        advanced(
+            io.String.Input,
+            "timesteps",
+            default="999,499",
+            tooltip="Used when schedule is custom: strictly decreasing integers in 0-999, at most 8, e.g. 999,499.",
+        ),
+        io.Float.Input(
+            "denoise",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="1.0 for txt2img; below 1.0 for img2img (how far the input latent is re-noised).",
+        ),
     ]
 
 
@@ -90,22 +107,44 @@ class TurboStreamADDSampler(io.ComfyNode):
             node_id="TurboStreamADDSampler",
             display_name="ADD Sampler (turbo, 1-4 steps)",
             category="TurboStream/sampling",
-            description=("Few-step sampling for adversarially distilled models (SD-Turbo, SDXL-Turbo) and LCM-sampling "
-                         "models, on the host's MODEL. No CFG needed: leave cfg at 1.0."),
+            description=(
+                "Few-step sampling for adversarially distilled models (SD-Turbo, SDXL-Turbo) and LCM-sampling "
+                "models, on the host's MODEL. No CFG needed: leave cfg at 1.0."
+            ),
             inputs=[
                 io.Model.Input("model", tooltip="An ADD/turbo model (or an LCM-LoRA model with LCM sampling)."),
                 io.Conditioning.Input("positive", tooltip="The prompt."),
-                io.Latent.Input("latent_image", tooltip="EmptyLatentImage for txt2img, a VAE-encoded image for img2img."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed for the initial noise and the noise of later steps."),
+                io.Latent.Input(
+                    "latent_image", tooltip="EmptyLatentImage for txt2img, a VAE-encoded image for img2img."
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Seed for the initial noise and the noise of later steps.",
+                ),
                 *_schedule_inputs(),
-                advanced(io.Combo.Input, "update", options=list(core.UPDATES), default="ancestral",
-                         tooltip="ancestral: Euler ancestral, eta 1 (the reference recipe). renoise: predict x0 and "
-                                 "forward-noise it to the next timestep with fresh noise (LCM-style)."),
-                advanced(io.Float.Input, "cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                         tooltip="Classifier-free guidance; ADD models are sampled at 1.0 (negative unused)."),
-                io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Only used when cfg is not 1.0."),
+                advanced(
+                    io.Combo.Input,
+                    "update",
+                    options=list(core.UPDATES),
+                    default="ancestral",
+                    tooltip="ancestral: Euler ancestral, eta 1 (the reference recipe). renoise: predict x0 and "
+                    "forward-noise it to the next timestep with fresh noise (LCM-style).",
+                ),
+                advanced(
+                    io.Float.Input,
+                    "cfg",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance; ADD models are sampled at 1.0 (negative unused).",
+                ),
+                io.Conditioning.Input("negative", optional=True, tooltip="Only used when cfg is not 1.0."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -115,8 +154,20 @@ class TurboStreamADDSampler(io.ComfyNode):
         return _validate(steps, schedule, timesteps, denoise)
 
     @classmethod
-    def execute(cls, model, positive, latent_image, seed, steps, schedule, timesteps, denoise, update="ancestral",
-                cfg=1.0, negative=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        positive,
+        latent_image,
+        seed,
+        steps,
+        schedule,
+        timesteps,
+        denoise,
+        update="ancestral",
+        cfg=1.0,
+        negative=None,
+    ) -> io.NodeOutput:
         node = "TurboStreamADDSampler"
         ts = _timesteps(node, schedule, steps, denoise, timesteps)
         latent = latent_image.copy()
@@ -126,19 +177,37 @@ class TurboStreamADDSampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
         expected = model.get_model_object("latent_format").latent_channels
         if samples.shape[1] != expected:
-            raise NodeInputError(node, "latent_image", f"has {samples.shape[1]} channels but this {model_family(model)} "
-                                 f"model expects {expected}; encode the image with this model's VAE or use an "
-                                 "EmptyLatentImage")
+            raise NodeInputError(
+                node,
+                "latent_image",
+                f"has {samples.shape[1]} channels but this {model_family(model)} "
+                f"model expects {expected}; encode the image with this model's VAE or use an "
+                "EmptyLatentImage",
+            )
         if negative is None and cfg != 1.0:
-            raise NodeInputError(node, "negative", f"cfg {cfg:g} needs a negative conditioning; connect one (an empty "
-                                 "CLIPTextEncode works) or set cfg to 1.0")
+            raise NodeInputError(
+                node,
+                "negative",
+                f"cfg {cfg:g} needs a negative conditioning; connect one (an empty "
+                "CLIPTextEncode works) or set cfg to 1.0",
+            )
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         sigmas = _sigmas(model, ts)
         callback = latent_preview.prepare_callback(model, len(ts), {})
         out = comfy.sample.sample_custom(
-            model, noise, cfg, comfy.samplers.KSAMPLER(UPDATE_FUNCTIONS[update]), sigmas, positive,
-            negative if negative is not None else [], samples, noise_mask=latent.get("noise_mask"),
-            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+            model,
+            noise,
+            cfg,
+            comfy.samplers.KSAMPLER(UPDATE_FUNCTIONS[update]),
+            sigmas,
+            positive,
+            negative if negative is not None else [],
+            samples,
+            noise_mask=latent.get("noise_mask"),
+            callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+            seed=seed,
+        )
         latent["samples"] = out
         return io.NodeOutput(latent)
 
@@ -150,10 +219,14 @@ class TurboStreamADDScheduler(io.ComfyNode):
             node_id="TurboStreamADDScheduler",
             display_name="ADD Scheduler (turbo sigmas)",
             category="TurboStream/sampling",
-            description=("SIGMAS for ADD/turbo models with either timestep convention (stability or trailing) or a "
-                         "custom list, for SamplerCustom / SamplerCustomAdvanced. Never silently truncates."),
-            inputs=[io.Model.Input("model", tooltip="The model whose noise schedule converts timesteps to sigmas."),
-                    *_schedule_inputs()],
+            description=(
+                "SIGMAS for ADD/turbo models with either timestep convention (stability or trailing) or a "
+                "custom list, for SamplerCustom / SamplerCustomAdvanced. Never silently truncates."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model whose noise schedule converts timesteps to sigmas."),
+                *_schedule_inputs(),
+            ],
             outputs=[io.Sigmas.Output()],
         )
 
@@ -173,8 +246,10 @@ class TurboStreamRenoiseSampler(io.ComfyNode):
             node_id="TurboStreamRenoiseSampler",
             display_name="ADD Renoise Sampler",
             category="TurboStream/sampling",
-            description=("SAMPLER for SamplerCustom: at each step predict x0, then forward-noise it to the next sigma "
-                         "with fresh noise (consistency/LCM-style update). Pair with ADD Scheduler."),
+            description=(
+                "SAMPLER for SamplerCustom: at each step predict x0, then forward-noise it to the next sigma "
+                "with fresh noise (consistency/LCM-style update). Pair with ADD Scheduler."
+            ),
             inputs=[],
             outputs=[io.Sampler.Output()],
         )

@@ -9,7 +9,9 @@ from turbostream import add_sampler as core
 
 
 # -- schedules -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("steps,expected", [(1, [999]), (2, [999, 899]), (3, [999, 899, 799]), (4, [999, 899, 799, 699])])
+@pytest.mark.parametrize(
+    "steps,expected", [(1, [999]), (2, [999, 899]), (3, [999, 899, 799]), (4, [999, 899, 799, 699])]
+)
 def test_stability_txt2img(steps, expected):
     assert core.stability_timesteps(steps) == expected
 
@@ -30,12 +32,15 @@ def test_stability_refuses_to_truncate():
         core.stability_timesteps(1, 0.05)
 
 
-@pytest.mark.parametrize("steps,expected", [(1, [999]), (2, [999, 499]), (3, [999, 666, 332]), (4, [999, 749, 499, 249])])
+@pytest.mark.parametrize(
+    "steps,expected", [(1, [999]), (2, [999, 499]), (3, [999, 666, 332]), (4, [999, 749, 499, 249])]
+)
 def test_trailing_matches_diffusers(steps, expected):
     from diffusers import EulerAncestralDiscreteScheduler
 
-    sched = EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=core.BETA_START,
-                                            beta_end=core.BETA_END, timestep_spacing="trailing")
+    sched = EulerAncestralDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=core.BETA_START, beta_end=core.BETA_END, timestep_spacing="trailing"
+    )
     sched.set_timesteps(steps)
     assert core.trailing_timesteps(steps) == expected == [int(t) for t in sched.timesteps]
 
@@ -49,11 +54,19 @@ def test_trailing_img2img_rule():
         core.trailing_timesteps(8, 0.1)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("", "empty"), (" , ", "empty"), ("999,abc", "not an integer"), ("1000,500", "outside 0-999"),
-    ("-1", "outside"), ("499,499", "strictly decreasing"), ("200,400", "strictly decreasing"),
-    ("900,800,700,600,500,400,300,200,100", "at most 8"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "empty"),
+        (" , ", "empty"),
+        ("999,abc", "not an integer"),
+        ("1000,500", "outside 0-999"),
+        ("-1", "outside"),
+        ("499,499", "strictly decreasing"),
+        ("200,400", "strictly decreasing"),
+        ("900,800,700,600,500,400,300,200,100", "at most 8"),
+    ],
+)
 def test_custom_timesteps_errors(text, message):
     with pytest.raises(core.ScheduleError, match=message):
         core.parse_custom_timesteps(text)
@@ -91,8 +104,9 @@ def test_trailing_ancestral_reproduces_diffusers_euler_ancestral():
     from diffusers import EulerAncestralDiscreteScheduler
 
     steps, shape, seed = 4, (2, 4, 8, 8), 1234
-    sched = EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=core.BETA_START,
-                                            beta_end=core.BETA_END, timestep_spacing="trailing")
+    sched = EulerAncestralDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=core.BETA_START, beta_end=core.BETA_END, timestep_spacing="trailing"
+    )
     sched.set_timesteps(steps)
     timesteps = core.trailing_timesteps(steps)
     sigmas = core.sigmas_for_timesteps(timesteps)
@@ -120,8 +134,7 @@ def test_trailing_ancestral_reproduces_diffusers_euler_ancestral():
     x = x_init * sched.init_noise_sigma  # the same start for both (diffusers scales by its init_noise_sigma)
     gen = torch.Generator().manual_seed(seed)
     for i in range(steps):
-        x = core.sample(denoiser, x, sigmas[i:i + 2], "ancestral",
-                        noise=lambda: torch.randn(shape, generator=gen))
+        x = core.sample(denoiser, x, sigmas[i : i + 2], "ancestral", noise=lambda: torch.randn(shape, generator=gen))
         trajectory.append(x)
     for ours, ref in zip(trajectory, ref_trajectory, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
@@ -132,8 +145,10 @@ def test_renoise_steps_are_exactly_vp_forward_noising():
     timesteps = [999, 749, 499, 249]
     sigmas = core.sigmas_for_timesteps(timesteps).double()
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    noises = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64)
-              for i in range(len(timesteps))]
+    noises = [
+        torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64)
+        for i in range(len(timesteps))
+    ]
     seen = []
 
     def denoiser(x, sigma_vec):

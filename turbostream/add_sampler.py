@@ -46,7 +46,14 @@ ANCESTRAL_ETA = 1.0
 
 
 class ScheduleError(ValueError):
-    """A schedule request that cannot be served; the message says what would work."""
+    """A schedule request that cannot be served; the message says what would work.
+
+    ``input_name`` is the input to change: ``steps``, ``denoise`` or ``timesteps``.
+    """
+
+    def __init__(self, message: str, input_name: str) -> None:
+        super().__init__(message)
+        self.input_name = input_name
 
 
 # -- schedules -------------------------------------------------------------------------------------
@@ -57,12 +64,12 @@ def stability_grid() -> list[int]:
 
 def _check_steps(steps: int) -> None:
     if not 1 <= steps <= MAX_STEPS:
-        raise ScheduleError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
+        raise ScheduleError(f"steps must be between 1 and {MAX_STEPS}, got {steps}", "steps")
 
 
 def _check_denoise(denoise: float) -> None:
     if not 0.0 <= denoise <= 1.0 or math.isnan(denoise):
-        raise ScheduleError(f"denoise must be between 0.0 and 1.0, got {denoise}")
+        raise ScheduleError(f"denoise must be between 0.0 and 1.0, got {denoise}", "denoise")
 
 
 def stability_timesteps(steps: int, denoise: float = 1.0) -> list[int]:
@@ -75,16 +82,21 @@ def stability_timesteps(steps: int, denoise: float = 1.0) -> list[int]:
     _check_denoise(denoise)
     start = STABILITY_GRID_POINTS - int(STABILITY_GRID_POINTS * denoise)
     if start >= STABILITY_GRID_POINTS:
-        raise ScheduleError(f"denoise {denoise:g} is below 0.1: the stability schedule's 10-point grid has no "
-                            "timestep that low. Use denoise >= 0.1, or schedule 'custom' with a small timestep.")
+        raise ScheduleError(
+            f"denoise {denoise:g} is below 0.1: the stability schedule's 10-point grid has no "
+            "timestep that low. Use denoise >= 0.1, or schedule 'custom' with a small timestep.",
+            "denoise",
+        )
     allowed = STABILITY_GRID_POINTS - start
     if steps > allowed:
         raise ScheduleError(
             f"steps {steps} at denoise {denoise:g} runs past the end of the stability schedule's 10-point grid: "
             f"denoise {denoise:g} starts at timestep {stability_grid()[start]} and allows at most {allowed} "
             f"step{'s' if allowed > 1 else ''}. Lower steps to {allowed}, raise denoise to "
-            f"{steps / STABILITY_GRID_POINTS:g} or more, or use schedule 'trailing'.")
-    return stability_grid()[start:start + steps]
+            f"{steps / STABILITY_GRID_POINTS:g} or more, or use schedule 'trailing'.",
+            "steps",
+        )
+    return stability_grid()[start : start + steps]
 
 
 def trailing_timesteps(steps: int, denoise: float = 1.0) -> list[int]:
@@ -96,11 +108,13 @@ def trailing_timesteps(steps: int, denoise: float = 1.0) -> list[int]:
     run = min(int(steps * denoise), steps)
     if run < 1:
         smallest = next((s for s in range(steps + 1, MAX_STEPS + 1) if int(s * denoise) >= 1), None)
-        fix = (f"raise steps to {smallest}" if smallest is not None
-               else f"raise denoise to {1 / MAX_STEPS:g} or more")
-        raise ScheduleError(f"steps {steps} at denoise {denoise:g} runs int({steps} x {denoise:g}) = 0 steps of the "
-                            f"trailing schedule (diffusers' img2img rule); {fix}.")
-    return full[steps - run:]
+        fix = f"raise steps to {smallest}" if smallest is not None else f"raise denoise to {1 / MAX_STEPS:g} or more"
+        raise ScheduleError(
+            f"steps {steps} at denoise {denoise:g} runs int({steps} x {denoise:g}) = 0 steps of the "
+            f"trailing schedule (diffusers' img2img rule); {fix}.",
+            "steps" if smallest is not None else "denoise",
+        )
+    return full[steps - run :]
 
 
 def parse_custom_timesteps(text: str) -> list[int]:
@@ -108,20 +122,20 @@ def parse_custom_timesteps(text: str) -> list[int]:
     parts = [p.strip() for p in (text or "").replace(";", ",").split(",")]
     parts = [p for p in parts if p]
     if not parts:
-        raise ScheduleError("timesteps is empty: give a comma-separated list such as 999,499")
+        raise ScheduleError("timesteps is empty: give a comma-separated list such as 999,499", "timesteps")
     values = []
     for p in parts:
         try:
             values.append(int(p))
         except ValueError:
-            raise ScheduleError(f"timesteps: {p!r} is not an integer (expected e.g. 999,499)") from None
+            raise ScheduleError(f"timesteps: {p!r} is not an integer (expected e.g. 999,499)", "timesteps") from None
     bad = [v for v in values if not 0 <= v < NUM_TRAIN_TIMESTEPS]
     if bad:
-        raise ScheduleError(f"timesteps: {bad[0]} is outside 0-{NUM_TRAIN_TIMESTEPS - 1}")
+        raise ScheduleError(f"timesteps: {bad[0]} is outside 0-{NUM_TRAIN_TIMESTEPS - 1}", "timesteps")
     if any(b >= a for a, b in zip(values, values[1:], strict=False)):
-        raise ScheduleError(f"timesteps must be strictly decreasing, got {','.join(map(str, values))}")
+        raise ScheduleError(f"timesteps must be strictly decreasing, got {','.join(map(str, values))}", "timesteps")
     if len(values) > MAX_STEPS:
-        raise ScheduleError(f"timesteps has {len(values)} entries; at most {MAX_STEPS} are allowed")
+        raise ScheduleError(f"timesteps has {len(values)} entries; at most {MAX_STEPS} are allowed", "timesteps")
     return values
 
 
@@ -136,7 +150,7 @@ def add_timesteps(schedule: str, steps: int, denoise: float = 1.0, custom: str =
         return trailing_timesteps(steps, denoise)
     if schedule == "custom":
         return parse_custom_timesteps(custom)
-    raise ScheduleError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    raise ScheduleError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}", "schedule")
 
 
 # -- noise levels ----------------------------------------------------------------------------------
@@ -170,8 +184,14 @@ def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = ANCESTRAL_ETA
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def ancestral_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float,
-                   noise: Callable[[], torch.Tensor], eta: float = ANCESTRAL_ETA) -> torch.Tensor:
+def ancestral_step(
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    noise: Callable[[], torch.Tensor],
+    eta: float = ANCESTRAL_ETA,
+) -> torch.Tensor:
     """One Euler-ancestral step from ``sigma`` to ``sigma_next``; ``noise()`` is called only if needed."""
     sigma_down, sigma_up = ancestral_sigmas(float(sigma), float(sigma_next), eta)
     if sigma_down == 0:
@@ -186,8 +206,12 @@ def ve_noise_scaling(sigma: torch.Tensor | float, noise: torch.Tensor, latent: t
     return latent + noise * sigma
 
 
-def renoise_step(denoised: torch.Tensor, sigma_next: float, noise: Callable[[], torch.Tensor],
-                 noise_scaling: Callable = ve_noise_scaling) -> torch.Tensor:
+def renoise_step(
+    denoised: torch.Tensor,
+    sigma_next: torch.Tensor | float,
+    noise: Callable[[], torch.Tensor],
+    noise_scaling: Callable = ve_noise_scaling,
+) -> torch.Tensor:
     """x0, then forward noise to ``sigma_next`` with fresh noise (nothing added at sigma 0)."""
     if float(sigma_next) <= 0:
         return denoised
@@ -212,9 +236,16 @@ Denoiser = Callable[..., torch.Tensor]
 
 
 @torch.no_grad()
-def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, update: str, extra_args: dict | None = None,
-           callback: Callable[[dict], None] | None = None, noise: Callable[[], torch.Tensor] | None = None,
-           noise_scaling: Callable = ve_noise_scaling) -> torch.Tensor:
+def sample(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    update: str,
+    extra_args: dict | None = None,
+    callback: Callable[[dict], None] | None = None,
+    noise: Callable[[], torch.Tensor] | None = None,
+    noise_scaling: Callable = ve_noise_scaling,
+) -> torch.Tensor:
     """Run ``len(sigmas) - 1`` ADD steps.
 
     Args:
@@ -243,5 +274,5 @@ def sample(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, update: str, 
         if update == "ancestral":
             x = ancestral_step(x, denoised, float(sigma), float(sigma_next), noise)
         else:
-            x = renoise_step(denoised, float(sigma_next), noise, noise_scaling)
+            x = renoise_step(denoised, sigma_next, noise, noise_scaling)
     return x
