@@ -15,7 +15,7 @@ from PIL import Image
 from turbostream import client, hub
 from turbostream.server import free_port
 
-SD_TURBO = REPO_ROOT / "workflows" / "api" / "sd_turbo_txt2img.json"
+SD_TURBO = REPO_ROOT / "workflows" / "api" / "sd_turbo_txt2img_native.json"  # node ids used below
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
