@@ -2,11 +2,11 @@
 
 import logging
 
-from . import add_sampler
+from . import add_sampler, tiny_vae
 
 logger = logging.getLogger("turbostream")
 
-ALL_NODES: list = [*add_sampler.NODES]
+ALL_NODES: list = [*add_sampler.NODES, *tiny_vae.NODES]
 
 _loaded = False
 

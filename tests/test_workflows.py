@@ -72,3 +72,16 @@ def test_lora_check_detects_unmatched_keys(host, tmp_path):
         tmp_path,
     )
     assert "lora key not loaded" in host.log_text()[before:]
+
+
+def test_demo_skips_workflows_whose_models_are_missing(object_info):
+    from turbostream.demo import missing_models
+
+    wf = load_json(REPO_ROOT / "workflows" / "api" / "sd_turbo_txt2img.json")
+    assert missing_models(wf, object_info) == []
+    wf["1"]["inputs"]["ckpt_name"] = "nope.safetensors"
+    wf["8"]["inputs"]["vae_name"] = "vae_approx/taesd9"
+    assert sorted(missing_models(wf, object_info)) == [
+        "CheckpointLoaderSimple.ckpt_name=nope.safetensors",
+        "TurboStreamTinyVAELoader.vae_name=vae_approx/taesd9",
+    ]

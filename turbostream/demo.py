@@ -22,17 +22,22 @@ from .server import HeadlessHost, demo_model_links, has_cuda
 
 logger = logging.getLogger("turbostream")
 
-MODEL_INPUTS = {"ckpt_name": "checkpoints", "lora_name": "loras", "vae_name": "vae", "unet_name": "diffusion_models"}
 
-
-def missing_models(workflow: dict[str, Any], available: dict[str, set[str]]) -> list[str]:
-    """Model files a workflow names that the host does not have, as ``folder/name``."""
+def missing_models(workflow: dict[str, Any], object_info: dict[str, Any]) -> list[str]:
+    """Combo values (model files, tiny VAEs...) a workflow names that this host does not offer."""
     missing = []
     for node in workflow.values():
+        info = object_info.get(node["class_type"], {}).get("input", {})
+        specs = {**info.get("required", {}), **info.get("optional", {})}
         for name, value in node.get("inputs", {}).items():
-            folder = MODEL_INPUTS.get(name)
-            if folder and isinstance(value, str) and value not in available.get(folder, set()):
-                missing.append(f"{folder}/{value}")
+            spec = specs.get(name)
+            if not spec or not isinstance(value, str):
+                continue
+            options = (
+                spec[0] if isinstance(spec[0], list) else (spec[1] or {}).get("options") if len(spec) > 1 else None
+            )
+            if isinstance(options, list) and value not in options:
+                missing.append(f"{node['class_type']}.{name}={value}")
     return missing
 
 
@@ -53,10 +58,10 @@ def run(out_dir: Path, workflows_dir: Path) -> int:
     links = demo_model_links(TINY_MODELS_DIR, real_models)
     rows = []
     with HeadlessHost(ensure_host(), model_links=links) as server:
-        available = {folder: set(server.get_json(f"/models/{folder}")) for folder in set(MODEL_INPUTS.values())}
+        object_info = server.get_json("/object_info", timeout=120)
         for path in sorted(workflows_dir.glob("*.json")):
             workflow = client.load_workflow(path)
-            missing = missing_models(workflow, available)
+            missing = missing_models(workflow, object_info)
             if missing:
                 logger.warning("skipping %s: missing %s", path.name, ", ".join(missing))
                 rows.append({"workflow": path.name, "status": "skipped: missing " + ", ".join(missing)})
