@@ -66,3 +66,28 @@ def machine_line() -> str:
     except ImportError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {device}, Python {platform.python_version()}"
+
+
+def import_pack():
+    """The pack imported in this process the way the host imports it (the host must be on sys.path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "comfyui_turbostream_bench"
+    if name in sys.modules:
+        return sys.modules[name]
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM) in GiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0

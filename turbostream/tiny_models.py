@@ -279,6 +279,37 @@ def lora_state_dict(family: str, fmt: str, seed: int = DEFAULT_SEED, rank: int =
     return {k: v.to(STORAGE_DTYPE) for k, v in out.items()}
 
 
+FULL_VAE = TinyFile("vae", "sd-vae-random.safetensors")
+"""A full-size SD1.x/SD2.x KL VAE (~84M parameters) with random weights: only for benchmarks."""
+
+
+def full_vae_state_dict(seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
+    """The host's SD KL autoencoder layout (ch_mult 1,2,4,4) with seeded values."""
+    import comfy.sd
+
+    # the host picks the SD layout from these two keys (z_channels from conv_in, ch_mult from down.2)
+    stub = {
+        "decoder.conv_in.weight": torch.empty(512, 4, 3, 3),
+        "encoder.down.2.downsample.conv.weight": torch.empty(512, 512, 3, 3),
+    }
+    with torch.device("meta"):
+        meta = comfy.sd.VAE(sd=stub).first_stage_model.state_dict()
+    return _materialize(meta, seed)
+
+
+def make_full_vae(out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int = DEFAULT_SEED) -> Path:
+    """Write ``FULL_VAE`` once (benchmarks compare the tiny VAE with it)."""
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / FULL_VAE.folder / FULL_VAE.name
+    if not path.is_file():
+        _import_host(host_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(full_vae_state_dict(seed), str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
 def _fingerprint(seed: int) -> str:
     payload = json.dumps(
         {"v": FORMAT_VERSION, "seed": seed, "unet": UNET_CONFIGS, "lora_rank": LORA_RANK}, sort_keys=True
