@@ -1,0 +1,239 @@
+"""Stream batch core (pure torch): alignment with per-frame LCM denoising, RCFG, filter, schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from turbostream import add_sampler
+from turbostream import stream_batch as sb
+
+ABAR = add_sampler.scaled_linear_alphas_cumprod()
+SHAPE = (4, 6, 5)
+
+
+def sigma_of(t: int) -> float:
+    return float(((1 - ABAR[t]) / ABAR[t]).sqrt())
+
+
+def make_denoiser(boundary: str = "lcm"):
+    """A stand-in LCM denoiser: a fixed nonlinear eps net, conditioned on a scalar ``cond``."""
+    calls = []
+
+    def eps_net(x, t, cond):
+        return 0.6 * torch.tanh(x) + 0.01 * cond + 0.02 * torch.cos(t.double().view(-1, 1, 1, 1) / 50)
+
+    def denoise(x, t, cond):
+        calls.append(x.shape[0])
+        x = x.double()
+        abar = ABAR[t].view(-1, 1, 1, 1)
+        alpha, beta = abar.sqrt(), (1 - abar).sqrt()
+        eps = eps_net(x, t, cond)
+        c_skip, c_out = sb.lcm_boundary(t) if boundary == "lcm" else (torch.zeros(len(t)), torch.ones(len(t)))
+        return c_out.view(-1, 1, 1, 1) * (x - beta * eps) / alpha + c_skip.view(-1, 1, 1, 1) * x
+
+    return denoise, calls
+
+
+def make_engine(timesteps, f=1, cfg_type="none", add_noise=False, seed=0, **kw):
+    config = sb.StreamConfig(
+        timesteps=timesteps, frame_buffer_size=f, cfg_type=cfg_type, add_noise=add_noise, seed=seed, **kw
+    )
+    schedule = sb.SlotSchedule.build(timesteps, [sigma_of(t) for t in timesteps], f, boundary="lcm")
+    return sb.StreamEngine(config, schedule, SHAPE, dtype=torch.float64)
+
+
+def per_frame_reference(z, j, engine, denoise, cond, add_noise):
+    """Multi-step LCM denoise of one frame (slot j of its group), with the stream's fixed noise."""
+    s, f, noise = engine.schedule, engine.config.frame_buffer_size, engine.init_noise
+    steps = engine.config.steps
+    x = s.alpha[j] * z + s.beta[j] * noise[j]
+    for i in range(steps):
+        slot = i * f + j
+        x0 = denoise(x[None], s.t[slot : slot + 1], cond)[0]
+        if i + 1 < steps:
+            nxt = (i + 1) * f + j
+            x = s.alpha[nxt] * x0 + (s.beta[nxt] * noise[nxt] if add_noise else 0)
+    return x0
+
+
+@pytest.mark.parametrize("f", [1, 2])
+@pytest.mark.parametrize("indices", [[45], [32, 45], [20, 32, 45], [0, 16, 32, 45]])
+@pytest.mark.parametrize("add_noise", [False, True])
+def test_stream_equals_per_frame_lcm_denoise(f, indices, add_noise):
+    timesteps = sb.lcm_timesteps(indices)
+    engine = make_engine(timesteps, f=f, add_noise=add_noise)
+    denoise, calls = make_denoiser()
+    frames = torch.randn(3 * f, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    groups = [frames[i : i + f] for i in range(0, len(frames), f)]
+    outputs = sb.stream_frames(engine, groups, denoise, cond=1.0)
+    assert len(outputs) == len(groups) and engine.calls == len(groups) + len(indices) - 1
+    ref_denoise, _ = make_denoiser()
+    for g, out in enumerate(outputs):
+        for j in range(f):
+            ref = per_frame_reference(groups[g][j], j, engine, ref_denoise, 1.0, add_noise)
+            torch.testing.assert_close(out[j], ref, rtol=1e-10, atol=1e-10)
+    assert all(c == len(indices) * f for c in calls), "one batched call of n*f slots per step"
+
+
+@pytest.mark.parametrize(
+    "cfg_type,expected",
+    [
+        ("none", lambda n, f: n * f),
+        ("self", lambda n, f: n * f),
+        ("initialize", lambda n, f: n * f + f),
+        ("full", lambda n, f: 2 * n * f),
+    ],
+)
+@pytest.mark.parametrize("n,f", [(1, 1), (2, 1), (2, 3), (4, 2)])
+def test_evaluations_per_call(cfg_type, expected, n, f):
+    engine = make_engine(sb.lcm_timesteps(list(range(0, 4 * n, 4))), f=f, cfg_type=cfg_type, guidance=1.5)
+    denoise, calls = make_denoiser()
+    for _ in range(3):
+        engine.img2img(torch.zeros(f, *SHAPE, dtype=torch.float64), denoise, cond=1.0, uncond=0.0)
+    assert engine.evaluations == 3 * expected(n, f) == 3 * sb.expected_evaluations(engine.config)
+    assert sum(calls) == engine.evaluations
+
+
+def test_full_cfg_is_conventional_cfg():
+    engine = make_engine(sb.lcm_timesteps([45]), cfg_type="full", guidance=2.0)
+    denoise, _ = make_denoiser()
+    z = torch.randn(1, *SHAPE, dtype=torch.float64)
+    out = engine.img2img(z, denoise, cond=1.0, uncond=-1.0)
+    x = engine.first_slot_img2img(z)
+    t = engine.schedule.t
+    c, u = denoise(x, t, 1.0), denoise(x, t, -1.0)
+    torch.testing.assert_close(out, u + 2.0 * (c - u))  # x0 is affine in eps, so CFG carries over
+
+
+def test_rcfg_stock_noise_matches_the_spec_formula_by_hand():
+    """n=2, f=1, cfg self: after one call, stock = [init_0, s'_0] with s'_0 = init_1 + delta_0 (spec §5)."""
+    timesteps = sb.lcm_timesteps([32, 45])
+    engine = make_engine(timesteps, cfg_type="self", guidance=1.2, delta=0.7, add_noise=True)
+    denoise, _ = make_denoiser()
+    z = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.cat([engine.first_slot_img2img(z), engine.buffer])
+    engine.img2img(z, denoise, cond=1.0)
+    s = engine.schedule
+    noise = engine.init_noise
+    x0_c = denoise(x, s.t, 1.0)
+    a = s.c_out / s.alpha + s.c_skip
+    b = -s.c_out * s.beta / s.alpha
+    eps_c = (x0_c - a.view(-1, 1, 1, 1) * x) / b.view(-1, 1, 1, 1)
+    stock0 = torch.zeros_like(noise)  # starts at zeros
+    eps = 0.7 * stock0 + 1.2 * (eps_c - 0.7 * stock0)
+    # slot 0 by hand: delta_0 = [c_out*(beta*s - beta*eps)/alpha + c_skip*beta*s] * alpha_1/beta_1
+    i = 0
+    s0 = stock0[i]
+    delta_0 = s.c_out[i] * (s.beta[i] * s0 - s.beta[i] * eps[i]) / s.alpha[i] + s.c_skip[i] * s.beta[i] * s0
+    delta_0 = delta_0 * s.alpha[1] / s.beta[1]
+    torch.testing.assert_close(engine.stock_noise[0], noise[0])
+    torch.testing.assert_close(engine.stock_noise[1], noise[1] + delta_0)
+
+
+def test_initialize_uses_the_real_uncond_for_all_f_newest_slots():
+    engine = make_engine(sb.lcm_timesteps([32, 45]), f=2, cfg_type="initialize", guidance=1.5, delta=1.0)
+    denoise, calls = make_denoiser()
+    engine.img2img(torch.zeros(2, *SHAPE, dtype=torch.float64), denoise, cond=1.0, uncond=0.0)
+    assert calls == [4, 2]
+
+
+def test_guidance_needs_a_negative_for_full_and_initialize():
+    for cfg_type in ("full", "initialize"):
+        engine = make_engine(sb.lcm_timesteps([45]), cfg_type=cfg_type, guidance=1.5)
+        with pytest.raises(sb.StreamError, match="needs a negative") as err:
+            engine.img2img(torch.zeros(1, *SHAPE, dtype=torch.float64), make_denoiser()[0], cond=1.0)
+        assert err.value.input_name == "negative"
+
+
+def test_conditioning_change_keeps_the_buffer():
+    engine = make_engine(sb.lcm_timesteps([20, 45]), add_noise=True)
+    denoise, _ = make_denoiser()
+    z = torch.randn(2, 1, *SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    engine.img2img(z[0], denoise, cond=1.0)
+    buffer = engine.buffer.clone()
+    assert buffer.abs().sum() > 0
+    out = engine.img2img(z[1], denoise, cond=-3.0)  # new prompt: no reset
+    x = torch.cat([engine.first_slot_img2img(z[1]), buffer])
+    torch.testing.assert_close(out, denoise(x, engine.schedule.t, -3.0)[-1:])
+
+
+def test_similarity_filter_on_a_static_clip():
+    frame = torch.rand(3, 16, 16) * 2 - 1
+    flt = sb.SimilarityFilter(threshold=0.98, max_skip_frames=4, seed=0)
+    skips = [flt.should_skip(frame) for _ in range(21)]
+    # identical frames: cos = 1, skip probability 1 -> process, then exactly 4 skips, repeat
+    assert skips == [False] + ([True] * 4 + [False]) * 4
+
+
+def test_similarity_filter_rate_matches_its_probability():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.rand(3, 32, 32, generator=gen) * 2 - 1
+    frames = [base + 0.08 * torch.randn(base.shape, generator=gen) for _ in range(400)]
+    flt = sb.SimilarityFilter(threshold=0.95, max_skip_frames=1000, seed=7)
+    probs, skipped = [], 0
+    for fr in frames:
+        if flt.reference is not None:
+            cos = sb.cosine_similarity(flt.reference, fr)
+            probs.append(max(0.0, (cos - 0.95) / 0.05))
+        skipped += flt.should_skip(fr)
+    expected = sum(probs)
+    assert 0.1 < expected / len(frames) < 0.9, "the clip must make the filter's choice non-trivial"
+    assert abs(skipped - expected) < 4 * expected**0.5 + 5
+    again = sb.SimilarityFilter(threshold=0.95, max_skip_frames=1000, seed=7)
+    assert sum(again.should_skip(fr) for fr in frames) == skipped  # seeded: reproducible
+
+
+def test_filter_off():
+    frame = torch.ones(3, 4, 4)
+    for threshold in (0.0, 1.0):
+        flt = sb.SimilarityFilter(threshold, 10, 0)
+        assert not any(flt.should_skip(frame) for _ in range(5))
+
+
+def test_skipped_groups_reuse_the_previous_output():
+    engine = make_engine(sb.lcm_timesteps([32, 45]))
+    denoise, _ = make_denoiser()
+    groups = [torch.randn(1, *SHAPE, dtype=torch.float64) for _ in range(4)]
+    outs = sb.stream_frames(engine, groups, denoise, 1.0, skip=[False, True, False, True])
+    assert outs[1] is outs[0] and outs[3] is outs[2] and not torch.equal(outs[0], outs[2])
+    assert engine.calls == 2 + 1
+
+
+def test_txt2img_stream_is_deterministic_and_aligned():
+    outs = []
+    for _ in range(2):
+        engine = make_engine(sb.lcm_timesteps([0, 16, 32, 45]), f=2, seed=11)
+        outs.append(sb.stream_frames(engine, [None] * 3, make_denoiser()[0], 1.0))
+        assert engine.calls == 3 + 3
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    assert len({o.sum().item() for o in outs[0]}) == 3, "each group is a different frame"
+
+
+@pytest.mark.parametrize(
+    "text,mode,fragment",
+    [
+        ("", "lcm_index", "empty"),
+        ("32,x", "lcm_index", "not an integer"),
+        ("45,32", "lcm_index", "strictly increasing"),
+        ("32,32", "lcm_index", "strictly increasing"),
+        ("50", "lcm_index", "outside 0-49"),
+        ("499,999", "timesteps", "strictly decreasing"),
+        ("1000", "timesteps", "outside 0-999"),
+    ],
+)
+def test_t_index_list_errors(text, mode, fragment):
+    with pytest.raises(sb.StreamError, match=fragment):
+        sb.parse_t_index_list(text, mode)
+
+
+def test_t_index_list():
+    assert sb.parse_t_index_list("32, 45") == [359, 99]
+    assert sb.parse_t_index_list("0,16,32,45") == [999, 679, 359, 99]
+    assert sb.parse_t_index_list("999,499", "timesteps") == [999, 499]
+
+
+def test_frame_groups_pad_the_last_group():
+    groups, pad = sb.frame_groups(5, 2)
+    assert [(g.start, g.stop) for g in groups] == [(0, 2), (2, 4), (4, 5)] and pad == 1
+    assert sb.frame_groups(4, 2)[1] == 0
