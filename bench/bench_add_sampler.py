@@ -32,15 +32,38 @@ def _workflow(ours: bool, seed: int) -> dict:
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
     }
     if ours:
-        wf["5"] = {"class_type": "TurboStreamADDSampler", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "latent_image": ["4", 0], "seed": seed, "steps": STEPS,
-            "schedule": "stability", "timesteps": "", "denoise": 1.0, "update": "ancestral", "cfg": 1.0}}
+        wf["5"] = {
+            "class_type": "TurboStreamADDSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "latent_image": ["4", 0],
+                "seed": seed,
+                "steps": STEPS,
+                "schedule": "stability",
+                "timesteps": "",
+                "denoise": 1.0,
+                "update": "ancestral",
+                "cfg": 1.0,
+            },
+        }
     else:
         wf["6"] = {"class_type": "SDTurboScheduler", "inputs": {"model": ["1", 0], "steps": STEPS, "denoise": 1.0}}
         wf["7"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}}
-        wf["5"] = {"class_type": "SamplerCustom", "inputs": {
-            "model": ["1", 0], "add_noise": True, "noise_seed": seed, "cfg": 1.0, "positive": ["2", 0],
-            "negative": ["3", 0], "sampler": ["7", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]}}
+        wf["5"] = {
+            "class_type": "SamplerCustom",
+            "inputs": {
+                "model": ["1", 0],
+                "add_noise": True,
+                "noise_seed": seed,
+                "cfg": 1.0,
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "sampler": ["7", 0],
+                "sigmas": ["6", 0],
+                "latent_image": ["4", 0],
+            },
+        }
     wf["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "bench/add"}}
     return wf
 
@@ -55,9 +78,17 @@ def run(ctx) -> list[Comparison]:
         client.run_jobs([_workflow(False, 5000 + i)], [host.address], out, progress=False)
 
     a, b = interleaved(ours, native, n=max(ctx.n, 9))
-    rows = [Comparison("ADD sampler vs host recipe", f"TurboStreamADDSampler {STEPS} steps {SIZE}²",
-                       "SamplerCustom+SDTurboScheduler+euler_ancestral", a, b, max(ctx.n, 9),
-                       "tiny SD2.1 layout, prompt incl. SaveLatent; target < 1.03")]
+    rows = [
+        Comparison(
+            "ADD sampler vs host recipe",
+            f"TurboStreamADDSampler {STEPS} steps {SIZE}²",
+            "SamplerCustom+SDTurboScheduler+euler_ancestral",
+            a,
+            b,
+            max(ctx.n, 9),
+            "tiny SD2.1 layout, prompt incl. SaveLatent; target < 1.03",
+        )
+    ]
 
     from turbostream.tiny_models import _import_host
 
@@ -86,7 +117,15 @@ def run(ctx) -> list[Comparison]:
             sample_euler_ancestral(model, x, sigmas, extra_args={"seed": 1}, disable=True)
 
     a, b = interleaved(core_loop, host_loop, n=ctx.n)
-    rows.append(Comparison("ancestral update loop", "core.sample (4 steps, 64² latent)",
-                           "host sample_euler_ancestral", a / reps, b / reps, ctx.n,
-                           "trivial denoiser: bookkeeping + noise draws only"))
+    rows.append(
+        Comparison(
+            "ancestral update loop",
+            "core.sample (4 steps, 64² latent)",
+            "host sample_euler_ancestral",
+            a / reps,
+            b / reps,
+            ctx.n,
+            "trivial denoiser: bookkeeping + noise draws only",
+        )
+    )
     return rows

@@ -2,11 +2,11 @@
 
 import logging
 
-from . import add_sampler, tiny_vae
+from . import add_sampler, stream_batch, tiny_vae
 
 logger = logging.getLogger("turbostream")
 
-ALL_NODES: list = [*add_sampler.NODES, *tiny_vae.NODES]
+ALL_NODES: list = [*add_sampler.NODES, *tiny_vae.NODES, *stream_batch.NODES]
 
 _loaded = False
 
@@ -17,4 +17,5 @@ def on_load() -> None:
     if _loaded:
         return
     _loaded = True
+    stream_batch.register_routes()
     logger.info("TurboStream loaded: %d nodes", len(ALL_NODES))

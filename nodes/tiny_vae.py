@@ -81,7 +81,7 @@ def build_vae(module: core.TinyAutoencoder) -> comfy.sd.VAE:
             index, rest = k[len("decoder.layers.") :].split(".", 1)
             dec[f"{int(index) + 1}.{rest}"] = v
     vae = comfy.sd.VAE(sd=core.to_taesd_state_dict(enc, dec, module.family))
-    module.to(dtype=vae.vae_dtype).eval()
+    module.to(dtype=vae.vae_dtype).eval().requires_grad_(False)
     vae.first_stage_model = module
     vae.patcher = patcher_class()(
         model=module, load_device=vae.device, offload_device=comfy.model_management.vae_offload_device()

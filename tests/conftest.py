@@ -45,6 +45,8 @@ def comfy(host_dir):
 
 
 _PEAKS: dict[str, float] = {}
+STREAM_IDLE_S = 8
+"""Live streams idle this long are evicted in the test host (short, so eviction can be tested)."""
 
 
 def _peak_rss_gib(pid: int | str = "self") -> float:
@@ -61,7 +63,9 @@ def _peak_rss_gib(pid: int | str = "self") -> float:
 @pytest.fixture(scope="session")
 def host(host_dir, tiny_models_dir):
     """One headless ComfyUI with the pack and the tiny models (under tiny and standard names)."""
-    server = HeadlessHost(host_dir, model_links=demo_model_links(tiny_models_dir))
+    server = HeadlessHost(
+        host_dir, model_links=demo_model_links(tiny_models_dir), env={"TURBOSTREAM_STREAM_IDLE_S": str(STREAM_IDLE_S)}
+    )
     server.start()
     yield server
     if server.process is not None:

@@ -65,12 +65,14 @@ class HeadlessHost:
         extra_args: tuple[str, ...] = (),
         python: str = sys.executable,
         base_dir: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.host_dir = Path(host_dir).resolve()
         self.model_links = model_links or {}
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
         self.python = python
+        self.env = dict(env or {})
         self._own_base = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="turbostream-host-"))
         self.log_path = self.base_dir / "host.log"
@@ -136,7 +138,7 @@ class HeadlessHost:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT_S) -> HeadlessHost:
         self._prepare_base()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(),

@@ -232,6 +232,8 @@ class StreamEngine:
     init_noise: torch.Tensor | None = None
     calls: int = 0
     evaluations: int = 0
+    last_first_x0: torch.Tensor | None = None
+    """x0 of the newest group in the last call (a one-step estimate; shown while a live stream warms up)."""
     buffer: torch.Tensor = field(init=False)
     stock_noise: torch.Tensor = field(init=False)
     generator: torch.Generator = field(init=False)
@@ -311,6 +313,7 @@ class StreamEngine:
                 self.stock_noise = self._next_stock_noise(stock, eps)
         # 4. finished frames out, the rest one step on
         out = x0[-f:]
+        self.last_first_x0 = x0[:f]
         if cfg.steps > 1:
             nxt = x0[:-f]
             self.buffer = self._col(s.alpha[f:]) * nxt

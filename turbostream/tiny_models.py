@@ -310,6 +310,42 @@ def make_full_vae(out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed:
     return path
 
 
+REAL_SD15_UNET = TinyFile("diffusion_models", "sd15-unet-random.safetensors")
+"""A real-size SD1.5 UNet (~860M parameters) with random weights: only for benchmarks, so that
+ratios are measured on the architecture people actually run."""
+REAL_SD15_UNET_CONFIG = {
+    **_UNET_COMMON,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 768,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+    "num_heads": 8,
+    "num_head_channels": -1,
+}
+
+
+def make_real_sd15_unet(out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int = DEFAULT_SEED) -> Path:
+    """Write ``REAL_SD15_UNET`` once (UNet keys only, loadable with the host's UNETLoader)."""
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / REAL_SD15_UNET.folder / REAL_SD15_UNET.name
+    if not path.is_file():
+        _import_host(host_dir)
+        import comfy.supported_models as supported_models
+
+        config = supported_models.SD15(dict(REAL_SD15_UNET_CONFIG))
+        with torch.device("meta"):
+            meta = config.get_model({}).diffusion_model.state_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(_materialize(meta, seed), str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
 def _fingerprint(seed: int) -> str:
     payload = json.dumps(
         {"v": FORMAT_VERSION, "seed": seed, "unet": UNET_CONFIGS, "lora_rank": LORA_RANK}, sort_keys=True

@@ -1,0 +1,589 @@
+"""Stream-batch nodes: video img2img, continuous txt2img and live img2img on the host's own models."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..turbostream import stream_batch as core
+from ..turbostream.registry import StreamRegistry, validate_stream_id
+from ._common import NodeInputError, advanced, model_family
+from .tiny_vae import tiny_decode, tiny_encode
+
+logger = logging.getLogger("turbostream")
+
+REGISTRY = StreamRegistry.from_env()
+"""Live streams by id: survives prompts (V3 node classes cannot hold state)."""
+
+
+# -- the host model as a stream denoiser -------------------------------------------------------------
+def _is_lcm(sampling) -> bool:
+    return any(c.__name__ == "LCM" for c in type(sampling).__mro__)
+
+
+def host_sigmas(model, timesteps: list[int]) -> list[float]:
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.CONST):
+        raise ValueError(
+            "stream batch supports epsilon/v-prediction models (SD1.x, SD2.x, SDXL and their turbo/LCM "
+            "variants), not flow-matching models"
+        )
+    return [float(s) for s in sampling.sigma(torch.tensor(timesteps, dtype=torch.float32))]
+
+
+def host_schedule(model, timesteps: list[int], frame_buffer_size: int) -> core.SlotSchedule:
+    sampling = model.get_model_object("model_sampling")
+    return core.SlotSchedule.build(
+        timesteps,
+        host_sigmas(model, timesteps),
+        frame_buffer_size,
+        boundary="lcm" if _is_lcm(sampling) else "none",
+        skip_on="ve",
+    )
+
+
+def host_denoiser(model, seed: int):
+    """``denoise(x_vp, t, cond) -> x0`` through the host's own sampling path.
+
+    Each call is one ``comfy.sample.sample_custom`` whose sampler evaluates the host's model wrapper
+    once on the whole batch with a per-sample sigma vector: the host loads the model
+    (``load_models_gpu``), prepares the conditioning (SDXL pooled output and size conditioning
+    included) and applies its model patches, exactly as for its own samplers.
+    """
+    sampling = model.get_model_object("model_sampling")
+
+    @torch.inference_mode()
+    def denoise(x_vp: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        sigma = sampling.sigma(t.float().cpu())
+        alpha = (1 + sigma.double() ** 2).rsqrt().float().view(-1, 1, 1, 1)
+        x_ve = x_vp.float().cpu() / alpha
+        result = {}
+
+        def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            result["x0"] = model_k(x_ve.to(x.device, x.dtype), sigma.to(x.device, x.dtype), **(extra_args or {}))
+            return x
+
+        empty = torch.zeros_like(x_ve)
+        comfy.sample.sample_custom(
+            model,
+            empty,
+            1.0,
+            comfy.samplers.KSAMPLER(sampler_fn),
+            torch.stack([sigma.max(), sigma.new_zeros(())]),
+            cond,
+            [],
+            empty,
+            disable_pbar=True,
+            seed=seed,
+        )
+        return result["x0"].to(x_vp.device, x_vp.dtype)
+
+    return denoise
+
+
+# -- shared checks ---------------------------------------------------------------------------------------
+def _timesteps(node: str, t_index_list: str, index_mode: str) -> list[int]:
+    try:
+        return core.parse_t_index_list(t_index_list, index_mode)
+    except core.StreamError as exc:
+        raise NodeInputError(node, exc.input_name, str(exc)) from None
+
+
+def _validate(t_index_list, index_mode="lcm_index") -> bool | str:
+    if t_index_list is None or index_mode is None:
+        return True
+    try:
+        core.parse_t_index_list(t_index_list, index_mode)
+    except core.StreamError as exc:
+        return str(exc)
+    return True
+
+
+def _check_sizes(node: str, name: str, height: int, width: int) -> None:
+    if height % 8 or width % 8:
+        raise NodeInputError(
+            node,
+            name,
+            f"frames are {width}x{height}; both sides must be multiples of 8 (the "
+            "latent grid). Resize or crop them first (e.g. ImageScale to "
+            f"{width // 8 * 8}x{height // 8 * 8})",
+        )
+
+
+def _check_vae(node: str, model, vae) -> None:
+    want = model.get_model_object("latent_format").latent_channels
+    have = getattr(vae, "latent_channels", want)
+    if have != want:
+        raise NodeInputError(
+            node,
+            "vae",
+            f"this VAE makes {have}-channel latents but the {model_family(model)} model "
+            f"reads {want}; use the VAE (or tiny VAE family) that belongs to the model",
+        )
+
+
+def _check_negative(node: str, cfg_type: str, guidance: float, negative) -> None:
+    if cfg_type in ("full", "initialize") and guidance != 1.0 and negative is None:
+        raise NodeInputError(
+            node,
+            "negative",
+            f"cfg_type {cfg_type} needs a negative conditioning; connect one (an "
+            "empty CLIPTextEncode works) or use cfg_type self or none",
+        )
+
+
+def _engine(model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape) -> core.StreamEngine:
+    config = core.StreamConfig(
+        timesteps=timesteps,
+        frame_buffer_size=f,
+        cfg_type=cfg_type,
+        guidance=guidance,
+        delta=delta,
+        add_noise=add_noise,
+        seed=seed,
+    )
+    return core.StreamEngine(
+        config, host_schedule(model, timesteps, f), latent_shape, device=comfy.model_management.intermediate_device()
+    )
+
+
+def _stream_inputs(default_t: str, default_cfg: str) -> list:
+    return [
+        io.String.Input(
+            "t_index_list",
+            default=default_t,
+            tooltip="Denoising steps as indices 0-49 of LCM's 50-step grid (timestep 999 - 20 x i), "
+            "strictly increasing; one stream slot per entry. 32,45 = timesteps 359,99.",
+        ),
+        io.Combo.Input(
+            "cfg_type",
+            options=list(core.CFG_TYPES),
+            default=default_cfg,
+            tooltip="none: no guidance (n*f evaluations). self: residual CFG from the stream's own noise "
+            "(n*f). initialize: RCFG seeded by one real negative pass per new frame (n*f+f). full: "
+            "conventional CFG (2*n*f).",
+        ),
+        io.Float.Input("guidance", default=1.2, min=0.0, max=20.0, step=0.05, tooltip="Guidance scale (1.0 = off)."),
+        advanced(
+            io.Float.Input,
+            "delta",
+            default=1.0,
+            min=0.0,
+            max=5.0,
+            step=0.05,
+            tooltip="RCFG: scale of the virtual negative (stock) noise; the paper's examples use 0.5-1.0.",
+        ),
+        io.Int.Input(
+            "frame_buffer_size",
+            default=1,
+            min=1,
+            max=16,
+            tooltip="Frames denoised together per call (f); the batch is n*f slots. A frame count that f "
+            "does not divide is padded with the last frame (the padding is dropped).",
+        ),
+        io.Boolean.Input(
+            "add_noise",
+            default=True,
+            tooltip="Re-noise partially denoised frames with the stream's fixed noise between steps.",
+        ),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=0xFFFFFFFFFFFFFFFF,
+            control_after_generate=True,
+            tooltip="Seeds the stream's fixed noise (drawn once: temporally stable) and the filter.",
+        ),
+        advanced(
+            io.Combo.Input,
+            "index_mode",
+            options=list(core.INDEX_MODES),
+            default="lcm_index",
+            tooltip="lcm_index: t_index_list indexes LCM's 50-step grid (LCM-LoRA models). timesteps: raw "
+            "timesteps 0-999, strictly decreasing (turbo models, e.g. 999 or 999,499).",
+        ),
+    ]
+
+
+def _model_inputs() -> list:
+    return [
+        io.Model.Input("model", tooltip="An LCM (LCM-LoRA + LCM sampling) or turbo model."),
+        io.Conditioning.Input("positive", tooltip="The prompt; may change between prompts without resetting a stream."),
+        io.Vae.Input("vae", tooltip="A tiny VAE (fast) or any host VAE."),
+    ]
+
+
+def _negative_input():
+    return io.Conditioning.Input("negative", optional=True, tooltip="Used by cfg_type full and initialize.")
+
+
+def _to_model_space(model, latents: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_in(latents)
+
+
+def _to_raw(model, latents: torch.Tensor) -> torch.Tensor:
+    return model.model.process_latent_out(latents)
+
+
+# -- video img2img --------------------------------------------------------------------------------------
+class TurboStreamStreamImg2Img(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TurboStreamStreamImg2Img",
+            display_name="Stream Img2Img (video, stream batch)",
+            category="TurboStream/stream",
+            description=(
+                "StreamDiffusion-style img2img over a frame batch: several frames at different timesteps in "
+                "one model call, residual CFG and the stochastic similarity filter. Returns exactly one "
+                "output per input frame, aligned (the pipeline is drained, no warm-up frames)."
+            ),
+            inputs=[
+                *_model_inputs(),
+                io.Image.Input("images", tooltip="N frames (e.g. from Load Video + Get Video Components)."),
+                *_stream_inputs("32,45", "self"),
+                io.Float.Input(
+                    "similarity_threshold",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.005,
+                    tooltip="0 = off. Above it, near-identical frames are skipped with rising probability "
+                    "(0.98 typical) and the previous output is repeated.",
+                ),
+                io.Int.Input(
+                    "max_skip_frames",
+                    default=10,
+                    min=0,
+                    max=1000,
+                    tooltip="At most this many frames in a row are skipped by the similarity filter.",
+                ),
+                _negative_input(),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, t_index_list, index_mode="lcm_index") -> bool | str:
+        return _validate(t_index_list, index_mode)
+
+    @classmethod
+    @torch.inference_mode()
+    def execute(
+        cls,
+        model,
+        positive,
+        vae,
+        images,
+        t_index_list,
+        cfg_type,
+        guidance,
+        frame_buffer_size,
+        add_noise,
+        seed,
+        similarity_threshold,
+        max_skip_frames,
+        delta=1.0,
+        index_mode="lcm_index",
+        negative=None,
+    ) -> io.NodeOutput:
+        node = "TurboStreamStreamImg2Img"
+        timesteps = _timesteps(node, t_index_list, index_mode)
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise NodeInputError(node, "images", f"expected a non-empty frame batch, got shape {tuple(images.shape)}")
+        _check_sizes(node, "images", images.shape[1], images.shape[2])
+        _check_vae(node, model, vae)
+        _check_negative(node, cfg_type, guidance, negative)
+        count, f = images.shape[0], frame_buffer_size
+        slices, pad = core.frame_groups(count, f)
+        if pad:
+            logger.warning(
+                "%s: %d frames are not a multiple of frame_buffer_size %d: the last group is padded with "
+                "%d copies of the last frame (dropped from the output)",
+                node,
+                count,
+                f,
+                pad,
+            )
+            images = torch.cat([images, images[-1:].expand(pad, *images.shape[1:])])
+        latents = _to_model_space(model, tiny_encode(node, vae, images))
+        engine = _engine(model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, tuple(latents.shape[1:]))
+        flt = core.SimilarityFilter(similarity_threshold, max_skip_frames, seed)
+        groups = [latents[i * f : (i + 1) * f] for i in range(len(slices))]
+        skip = [flt.should_skip(images[i * f : (i + 1) * f] * 2 - 1) for i in range(len(slices))]
+        if any(skip):
+            logger.info("%s: similarity filter skipped %d of %d frame groups", node, sum(skip), len(skip))
+        pbar = comfy.utils.ProgressBar(len(groups) - sum(skip) + engine.lag)
+        outs = core.stream_frames(
+            engine,
+            groups,
+            host_denoiser(model, seed),
+            positive,
+            negative,
+            skip=skip,
+            on_call=lambda done, total: pbar.update_absolute(done, total),
+        )
+        x0 = _to_raw(model, torch.cat(outs)[:count])
+        return io.NodeOutput(tiny_decode(node, vae, x0), {"samples": x0})
+
+
+# -- txt2img stream --------------------------------------------------------------------------------------
+class TurboStreamStreamTxt2Img(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TurboStreamStreamTxt2Img",
+            display_name="Stream Txt2Img (stream batch)",
+            category="TurboStream/stream",
+            description=(
+                "Continuous txt2img with stream batch (StreamDiffusion's txt2img recipe: t_index_list "
+                "0,16,32,45 with cfg none on an LCM model, or one raw timestep 999 on a turbo model with "
+                "several frames per call). Returns N frames, aligned."
+            ),
+            inputs=[
+                *_model_inputs(),
+                io.Int.Input("width", default=512, min=8, max=4096, step=8, tooltip="Frame width (multiple of 8)."),
+                io.Int.Input("height", default=512, min=8, max=4096, step=8, tooltip="Frame height (multiple of 8)."),
+                io.Int.Input("frames", default=4, min=1, max=4096, tooltip="How many frames to generate."),
+                *_stream_inputs("0,16,32,45", "none"),
+                _negative_input(),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, t_index_list, index_mode="lcm_index") -> bool | str:
+        return _validate(t_index_list, index_mode)
+
+    @classmethod
+    @torch.inference_mode()
+    def execute(
+        cls,
+        model,
+        positive,
+        vae,
+        width,
+        height,
+        frames,
+        t_index_list,
+        cfg_type,
+        guidance,
+        frame_buffer_size,
+        add_noise,
+        seed,
+        delta=1.0,
+        index_mode="lcm_index",
+        negative=None,
+    ) -> io.NodeOutput:
+        node = "TurboStreamStreamTxt2Img"
+        timesteps = _timesteps(node, t_index_list, index_mode)
+        _check_sizes(node, "width", height, width)
+        _check_vae(node, model, vae)
+        _check_negative(node, cfg_type, guidance, negative)
+        f = frame_buffer_size
+        channels = model.get_model_object("latent_format").latent_channels
+        engine = _engine(
+            model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, (channels, height // 8, width // 8)
+        )
+        groups = [None] * math.ceil(frames / f)
+        pbar = comfy.utils.ProgressBar(len(groups) + engine.lag)
+        outs = core.stream_frames(
+            engine,
+            groups,
+            host_denoiser(model, seed),
+            positive,
+            negative,
+            on_call=lambda done, total: pbar.update_absolute(done, total),
+        )
+        x0 = _to_raw(model, torch.cat(outs)[:frames])
+        return io.NodeOutput(tiny_decode(node, vae, x0), {"samples": x0})
+
+
+# -- live img2img -------------------------------------------------------------------------------------------
+def _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise) -> tuple:
+    """What a stream's state depends on: change any of these and the stream restarts."""
+    return (
+        id(model.model),
+        id(model.get_model_object("model_sampling")),
+        len(model.patches),
+        tuple(timesteps),
+        f,
+        seed,
+        tuple(latent_shape),
+        index_mode,
+        add_noise,
+    )
+
+
+class TurboStreamLiveImg2Img(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TurboStreamLiveImg2Img",
+            display_name="Live Img2Img (stream)",
+            category="TurboStream/stream",
+            description=(
+                "The stream engine with state kept across prompts, keyed by stream_id: queue one frame per "
+                "prompt to stream continuously. Output lags the input by len(t_index_list) - 1 frames; "
+                "during the first calls the newest frame's one-step result is shown instead of nothing. "
+                "Prompt and guidance changes apply in place; model, size, steps or seed changes restart."
+            ),
+            not_idempotent=True,
+            inputs=[
+                *_model_inputs(),
+                io.Image.Input("image", tooltip="The newest frame (or frame_buffer_size frames)."),
+                io.String.Input(
+                    "stream_id",
+                    default="default",
+                    tooltip="Which stream this frame belongs to (letters, digits, _ . -).",
+                ),
+                *_stream_inputs("32,45", "self"),
+                io.Float.Input(
+                    "similarity_threshold",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.005,
+                    tooltip="0 = off; 0.98 typical: near-identical frames repeat the last output.",
+                ),
+                io.Int.Input(
+                    "max_skip_frames",
+                    default=10,
+                    min=0,
+                    max=1000,
+                    tooltip="At most this many frames in a row are skipped.",
+                ),
+                _negative_input(),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # every prompt is a new frame of the stream
+
+    @classmethod
+    def validate_inputs(cls, t_index_list, stream_id, index_mode="lcm_index") -> bool | str:
+        if stream_id is not None:
+            try:
+                validate_stream_id(stream_id)
+            except ValueError as exc:
+                return str(exc)
+        return _validate(t_index_list, index_mode)
+
+    @classmethod
+    @torch.inference_mode()
+    def execute(
+        cls,
+        model,
+        positive,
+        vae,
+        image,
+        stream_id,
+        t_index_list,
+        cfg_type,
+        guidance,
+        frame_buffer_size,
+        add_noise,
+        seed,
+        similarity_threshold,
+        max_skip_frames,
+        delta=1.0,
+        index_mode="lcm_index",
+        negative=None,
+    ) -> io.NodeOutput:
+        node = "TurboStreamLiveImg2Img"
+        try:
+            validate_stream_id(stream_id)
+        except ValueError as exc:
+            raise NodeInputError(node, "stream_id", str(exc)) from None
+        timesteps = _timesteps(node, t_index_list, index_mode)
+        f = frame_buffer_size
+        if image.ndim != 4 or image.shape[0] != f:
+            raise NodeInputError(
+                node, "image", f"expected {f} frame(s) (frame_buffer_size), got shape {tuple(image.shape)}"
+            )
+        _check_sizes(node, "image", image.shape[1], image.shape[2])
+        _check_vae(node, model, vae)
+        _check_negative(node, cfg_type, guidance, negative)
+        channels = model.get_model_object("latent_format").latent_channels
+        latent_shape = (channels, image.shape[1] // 8, image.shape[2] // 8)
+        sig = _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise)
+        entry = REGISTRY.get(stream_id)
+        if entry is not None and entry.meta.get("signature") != sig:
+            old = entry.meta.get("size")
+            reason = (
+                "the frame size changed" if old and old != list(image.shape[1:3]) else "model, steps or seed changed"
+            )
+            logger.info("%s: stream %s restarts: %s", node, stream_id, reason)
+            entry = None
+        if entry is None:
+            state = {
+                "engine": _engine(model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape),
+                "filter": core.SimilarityFilter(similarity_threshold, max_skip_frames, seed),
+                "last": None,
+            }
+            engine = state["engine"]
+            nbytes = sum(t.numel() * t.element_size() for t in (engine.init_noise, engine.buffer, engine.stock_noise))
+            entry = REGISTRY.put(stream_id, state, nbytes=nbytes, signature=sig, size=list(image.shape[1:3]), frames=0)
+        state = entry.value
+        engine, flt = state["engine"], state["filter"]
+        engine.config.cfg_type, engine.config.guidance, engine.config.delta = cfg_type, guidance, delta
+        flt.threshold, flt.max_skip_frames = similarity_threshold, max_skip_frames
+        entry.meta["frames"] += 1
+        if state["last"] is not None and flt.should_skip(image * 2 - 1):
+            out = state["last"]
+        else:
+            if state["last"] is None:
+                flt.should_skip(image * 2 - 1)  # the first frame becomes the filter's reference
+            z = _to_model_space(model, tiny_encode(node, vae, image))
+            finished = engine.img2img(z, host_denoiser(model, seed), positive, negative)
+            # warm-up: the buffer holds no finished frame yet; show the newest frame's one-step estimate
+            x0 = finished if engine.calls > engine.lag else engine.last_first_x0
+            out = tiny_decode(node, vae, _to_raw(model, x0))
+            state["last"] = out
+        entry.meta["calls"] = engine.calls
+        return io.NodeOutput(
+            out,
+            ui={
+                "turbostream_stream": [
+                    {
+                        "stream_id": stream_id,
+                        "lag_frames": engine.lag,
+                        "calls": engine.calls,
+                        "warming_up": engine.calls <= engine.lag,
+                    }
+                ]
+            },
+        )
+
+
+NODES = [TurboStreamStreamImg2Img, TurboStreamStreamTxt2Img, TurboStreamLiveImg2Img]
+
+
+def register_routes() -> None:
+    """``GET /turbostream/streams``: the live streams (ids, idle seconds, frames); sweeps idle ones."""
+    import sys
+
+    if "server" not in sys.modules:  # not inside a running host (tests import the pack in-process)
+        return
+    from aiohttp import web
+
+    server = getattr(sys.modules["server"].PromptServer, "instance", None)
+    if server is None:
+        return
+
+    @server.routes.get("/turbostream/streams")
+    async def list_streams(request):
+        REGISTRY.sweep()
+        return web.json_response(
+            {"streams": REGISTRY.describe(), "idle_seconds": REGISTRY.idle_seconds, "max_streams": REGISTRY.max_streams}
+        )
