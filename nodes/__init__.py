@@ -2,11 +2,11 @@
 
 import logging
 
-from . import add_sampler, stream_batch, tiny_vae
+from . import add_sampler, lcm_lora, stream_batch, tiny_vae
 
 logger = logging.getLogger("turbostream")
 
-ALL_NODES: list = [*add_sampler.NODES, *tiny_vae.NODES, *stream_batch.NODES]
+ALL_NODES: list = [*add_sampler.NODES, *tiny_vae.NODES, *lcm_lora.NODES, *stream_batch.NODES]
 
 _loaded = False
 
