@@ -213,6 +213,27 @@ def _stream_inputs(default_t: str, default_cfg: str) -> list:
     ]
 
 
+def _filter_inputs() -> list:
+    return [
+        io.Float.Input(
+            "similarity_threshold",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.005,
+            tooltip="0 = off. Above it, near-identical frames are skipped with rising probability "
+            "(0.98 typical) and the previous output is repeated.",
+        ),
+        io.Int.Input(
+            "max_skip_frames",
+            default=10,
+            min=0,
+            max=1000,
+            tooltip="At most this many frames in a row are skipped by the similarity filter.",
+        ),
+    ]
+
+
 def _model_inputs() -> list:
     return [
         io.Model.Input("model", tooltip="An LCM (LCM-LoRA + LCM sampling) or turbo model."),
@@ -250,22 +271,7 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
                 *_model_inputs(),
                 io.Image.Input("images", tooltip="N frames (e.g. from Load Video + Get Video Components)."),
                 *_stream_inputs("32,45", "self"),
-                io.Float.Input(
-                    "similarity_threshold",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.005,
-                    tooltip="0 = off. Above it, near-identical frames are skipped with rising probability "
-                    "(0.98 typical) and the previous output is repeated.",
-                ),
-                io.Int.Input(
-                    "max_skip_frames",
-                    default=10,
-                    min=0,
-                    max=1000,
-                    tooltip="At most this many frames in a row are skipped by the similarity filter.",
-                ),
+                *_filter_inputs(),
                 _negative_input(),
             ],
             outputs=[io.Image.Output(display_name="images"), io.Latent.Output(display_name="latent")],
@@ -446,21 +452,7 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                     tooltip="Which stream this frame belongs to (letters, digits, _ . -).",
                 ),
                 *_stream_inputs("32,45", "self"),
-                io.Float.Input(
-                    "similarity_threshold",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.005,
-                    tooltip="0 = off; 0.98 typical: near-identical frames repeat the last output.",
-                ),
-                io.Int.Input(
-                    "max_skip_frames",
-                    default=10,
-                    min=0,
-                    max=1000,
-                    tooltip="At most this many frames in a row are skipped.",
-                ),
+                *_filter_inputs(),
                 _negative_input(),
             ],
             outputs=[io.Image.Output(display_name="image")],
