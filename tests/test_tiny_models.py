@@ -75,3 +75,29 @@ def test_every_lora_key_maps(comfy, tiny_models_dir, caplog, family, fmt):
         assert all(k.startswith(("lora_unet_", "lora_te")) for k in lora)
     else:
         assert all(k.startswith("unet.") for k in lora)
+
+
+@pytest.mark.parametrize("family", sorted(tiny_models.UNET_CONFIGS))
+def test_unet_output_is_live(comfy, tiny_models_dir, family):
+    """The tiny UNets must react to their input: a zero norm gain once made every output exactly 0,
+    which hid weight changes (LoRA, fusing) from every latent-parity test."""
+    tf = tiny_models.CHECKPOINTS[family]
+    import comfy.sd
+
+    model, *_ = comfy.sd.load_checkpoint_guess_config(
+        str(tiny_models_dir / tf.folder / tf.name), output_vae=False, output_clip=False
+    )
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    sigma = torch.tensor([14.6, 1.0])
+    context = torch.randn(2, 77, model.model.model_config.unet_config["context_dim"], generator=gen)
+    extra = {}
+    if family == "sdxl":
+        extra["y"] = torch.randn(2, model.model.model_config.unet_config["adm_in_channels"], generator=gen)
+    with torch.inference_mode():
+        out = model.model.apply_model(x, sigma, c_crossattn=context, **extra)
+        out2 = model.model.apply_model(x * 0.5, sigma, c_crossattn=context, **extra)
+    assert torch.isfinite(out).all()
+    eps = (x - out) / sigma.view(-1, 1, 1, 1)  # the denoised output back to the UNet's eps
+    assert eps.abs().mean() > 1e-3, "the tiny UNet outputs zero"
+    assert not torch.allclose(out, out2 * 2), "the UNet output does not depend on its input"

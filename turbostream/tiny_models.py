@@ -37,7 +37,7 @@ logger = logging.getLogger("turbostream")
 
 DEFAULT_SEED = 1234
 STORAGE_DTYPE = torch.float16
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when the generated layouts or values change, so that cached files are rebuilt."""
 
 EMBEDDING_STD = 0.02
@@ -152,7 +152,7 @@ def _key_generator(seed: int, key: str) -> torch.Generator:
 def _fill(key: str, like: torch.Tensor, seed: int) -> torch.Tensor:
     """A deterministic value for one tensor, chosen so activations stay in a sane range.
 
-    Norm gains are 1, biases 0, embeddings N(0, 0.02), other weights N(0, 1/fan_in).
+    Norm gains (every 1-D weight) are 1, biases 0, embeddings N(0, 0.02), other weights N(0, 1/fan_in).
     """
     shape = tuple(like.shape)
     if not like.dtype.is_floating_point:
@@ -163,7 +163,10 @@ def _fill(key: str, like: torch.Tensor, seed: int) -> torch.Tensor:
     if key.endswith("logit_scale"):
         return torch.full(shape, math.log(100.0))
     if len(shape) <= 1:
-        if name == "weight" and ("norm" in lowered or "ln_" in lowered or "layer_norm" in lowered):
+        if name == "weight":
+            # Every 1-D weight in these layouts is a norm gain (GroupNorm/LayerNorm), whatever its
+            # key says: the UNet's ``in_layers.0``/``out_layers.0``/``out.0`` are GroupNorms too, and
+            # a zero gain there makes the whole UNet output exactly zero.
             return torch.ones(shape)
         return torch.zeros(shape)
     gen = _key_generator(seed, key)
