@@ -1,4 +1,9 @@
-"""``make bench``: run every ``bench/bench_*.py``, print one markdown table, write results/latest.json."""
+"""``make bench``: run every ``bench/bench_*.py``, print one markdown table, write the results.
+
+Each module's rows go to ``results/<module>.json`` (with the machine and date of that run), and
+``results/latest.json`` merges every module file, so ``-k`` re-runs one benchmark without losing
+the others' rows.
+"""
 
 from __future__ import annotations
 
@@ -45,13 +50,18 @@ def main() -> int:
     modules = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py") if not args.k or args.k in p.stem)
     ctx = Context(n=args.n, out_dir=REPO_ROOT / "out" / "bench")
     rows, started = [], time.time()
+    results = BENCH_DIR / "results"
+    results.mkdir(exist_ok=True)
+    machine = machine_line()
     try:
         for name in modules:
-            rows += [c.as_dict() for c in importlib.import_module(name).run(ctx)]
+            t0 = time.time()
+            module_rows = [c.as_dict() for c in importlib.import_module(name).run(ctx)]
+            rows += module_rows
+            _write_json(results / f"{name}.json", machine, time.time() - t0, module_rows)
     finally:
         if ctx._host is not None:
             ctx._host.cleanup()
-    machine = machine_line()
     lines = [
         f"Machine: {machine}",
         "",
@@ -64,21 +74,19 @@ def main() -> int:
             f"{r['ratio_a_over_b']:.2f} | {r['n']} | {r['note']} |"
         )
     print("\n".join(lines))
-    results = BENCH_DIR / "results"
-    results.mkdir(exist_ok=True)
-    (results / "latest.json").write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "seconds": round(time.time() - started, 1),
-                "results": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    merged = []
+    for path in sorted(results.glob("bench_*.json")):
+        data = json.loads(path.read_text())
+        merged += [
+            {**r, "module": path.stem, "machine": data["machine"], "date": data["date"]} for r in data["results"]
+        ]
+    _write_json(results / "latest.json", machine, time.time() - started, merged)
     return 0
+
+
+def _write_json(path: Path, machine: str, seconds: float, rows: list[dict]) -> None:
+    payload = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)}
+    path.write_text(json.dumps({**payload, "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
