@@ -11,7 +11,8 @@ setup:
 demo: setup
 	$(VENV_PY) -m turbostream demo --out out/demo
 
-test: setup
+test:
+	$(BOOTSTRAP_PY) -m turbostream setup --browser
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup

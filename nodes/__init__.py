@@ -2,11 +2,17 @@
 
 import logging
 
-from . import add_sampler, lcm_lora, stream_batch, tiny_vae
+from . import add_sampler, lcm_lora, live, stream_batch, tiny_vae
 
 logger = logging.getLogger("turbostream")
 
-ALL_NODES: list = [*add_sampler.NODES, *tiny_vae.NODES, *lcm_lora.NODES, *stream_batch.NODES]
+ALL_NODES: list = [
+    *add_sampler.NODES,
+    *tiny_vae.NODES,
+    *lcm_lora.NODES,
+    *stream_batch.NODES,
+    *live.NODES,
+]
 
 _loaded = False
 
@@ -18,4 +24,5 @@ def on_load() -> None:
         return
     _loaded = True
     stream_batch.register_routes()
+    live.register_routes()
     logger.info("TurboStream loaded: %d nodes", len(ALL_NODES))

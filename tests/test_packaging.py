@@ -70,3 +70,21 @@ def test_host_requirements_filter(tmp_path):
 
     (tmp_path / "requirements.txt").write_text("torch\ntorchvision>=0.1\ntorchaudio\nnumpy>=1.25.0\n# c\nav>=14 # x\n")
     assert host.host_requirements(tmp_path) == ["numpy>=1.25.0", "av>=14"]
+
+
+def test_js_extensions_follow_the_house_rules():
+    """One extension per file named turbostream.<feature>; overridden node callbacks keep the host's."""
+    import re
+
+    names = []
+    for path in sorted((REPO_ROOT / "js").glob("*.js")):
+        text = path.read_text()
+        found = re.findall(r'name:\s*"(turbostream\.[A-Za-z]+)"', text)
+        assert len(found) == 1 and text.count("registerExtension(") == 1, path.name
+        names += found
+        for method in re.findall(r"nodeType\.prototype\.(\w+) = function", text):
+            assert re.search(rf"const \w+ = nodeType\.prototype\.{method};", text), (
+                f"{path.name}: {method} drops the original"
+            )
+            assert "?.apply(this, arguments)" in text, path.name
+    assert len(names) == len(set(names)) >= 3

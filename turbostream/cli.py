@@ -22,8 +22,9 @@ class CLIError(UserError):
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
-    paths = host_mod.setup(make_models=not args.no_models)
-    print(f"host: {paths['host']}\npython: {paths['python']}")
+    paths = host_mod.setup(make_models=not args.no_models, browser=args.browser)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
     return 0
 
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("setup", help="create .venv, fetch the host, link the pack, make tiny models")
     p.add_argument("--no-models", action="store_true", help="skip making the tiny models")
+    p.add_argument("--browser", action="store_true", help="also install Debian's chromium (browser tests)")
     p.set_defaults(func=_cmd_setup)
 
     models = sub.add_parser("models", help="tiny test models and real weights").add_subparsers(

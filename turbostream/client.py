@@ -10,6 +10,7 @@ over the hosts; results come back in job order.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import logging
@@ -27,6 +28,8 @@ logger = logging.getLogger("turbostream")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 CONNECT_TIMEOUT_S = 10.0
+LIVE_FRAME_EVENT = "turbostream.live.frame"
+"""Websocket event of an output frame that TurboStreamLiveOutput pushes to its owning client."""
 
 
 class ClientError(UserError):
@@ -255,6 +258,7 @@ async def run_job(
     client_id = uuid.uuid4().hex
     started = time.perf_counter()
     ws_url = base.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
+    live_frames: list[dict] = []
     async with session.ws_connect(ws_url, heartbeat=30) as ws:
         async with session.post(f"{base}/prompt", json={"prompt": workflow, "client_id": client_id}) as resp:
             body = await resp.json(content_type=None)
@@ -282,7 +286,9 @@ async def run_job(
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
             kind = event.get("type")
-            if kind == "progress":
+            if kind == LIVE_FRAME_EVENT:  # pushed to this client only (TurboStreamLiveOutput)
+                live_frames.append(data)
+            elif kind == "progress":
                 progress.step(server, data.get("value", 0), data.get("max", 0))
             elif kind == "execution_error":
                 raise ExecutionFailed(
@@ -309,6 +315,12 @@ async def run_job(
                 dest = out_dir / f"{index:05d}_{node_id}_{Path(params['filename']).name}"
                 dest.write_bytes(await resp.read())
                 result.images.append(dest)
+    for i, frame in enumerate(live_frames):
+        header, _, payload = str(frame.get("image", "")).partition(",")
+        if header == "data:image/jpeg;base64":
+            dest = out_dir / f"{index:05d}_live_{frame.get('stream_id', 'stream')}_{i:04d}.jpg"
+            dest.write_bytes(base64.b64decode(payload))
+            result.images.append(dest)
     progress.done()
     return result
 

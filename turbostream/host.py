@@ -172,11 +172,44 @@ def ensure_venv(host: Path) -> Path:
     return py
 
 
-def setup(make_models: bool = True) -> dict:
-    """Everything ``make setup`` does; returns the paths it settled on."""
+CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+"""Debian's Chromium, which the browser tests drive through Playwright (no browser download)."""
+
+
+def find_chromium() -> str | None:
+    return next((p for p in CHROMIUM_PATHS if os.path.exists(p)), None) or shutil.which("chromium")
+
+
+def ensure_chromium() -> str:
+    """Debian's ``chromium`` for the browser tests: installed with apt-get when missing (as root or via sudo)."""
+    found = find_chromium()
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    prefix = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if apt is None or prefix is None:
+        raise SystemExit(
+            "the browser tests need Debian's chromium: install it with `sudo apt-get install chromium` "
+            "(or set CHROMIUM to a Chromium binary)"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    logger.info("installing Debian's chromium for the browser tests (apt-get)")
+    _run([*prefix, apt, "-qq", "update"], env=env)
+    _run([*prefix, apt, "install", "-y", "-qq", "chromium"], env=env)
+    found = find_chromium()
+    if not found:
+        raise SystemExit("apt-get installed chromium but no chromium binary was found on PATH")
+    return found
+
+
+def setup(make_models: bool = True, browser: bool = False) -> dict:
+    """Everything ``make setup`` does (``browser``: also Debian's chromium); returns the paths it settled on."""
     host = ensure_host()
     py = ensure_venv(host)
     link_pack(host / "custom_nodes")
     if make_models:
         _run([str(py), "-m", "turbostream", "models", "make-tiny"], cwd=REPO_ROOT)
-    return {"host": str(host), "python": str(py)}
+    paths = {"host": str(host), "python": str(py)}
+    if browser:
+        paths["chromium"] = ensure_chromium()
+    return paths

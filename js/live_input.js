@@ -1,0 +1,310 @@
+// turbostream.liveInput: Start/Stop live capture on TurboStreamLiveInput nodes.
+//
+// While live, frames from the webcam (getUserMedia) or a local video file are drawn to a canvas at
+// the node's width x height, uploaded to /turbostream/live/<stream_id>/frame with the source's
+// token, and the workflow is queued once per frame. At most `max_in_flight` prompts are queued at a
+// time; a frame that comes while all slots are busy is dropped (never an unbounded queue).
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE_TYPE = "TurboStreamLiveInput";
+const TOKEN_HEADER = "X-TurboStream-Token";
+const CAPTURED_HEADER = "X-TurboStream-Captured";
+const PROMPT_TIMEOUT_MS = 60000;
+const JPEG_QUALITY = 0.85;
+const SOURCES = ["webcam", "video file"];
+
+function widgetOf(node, name) {
+  return node.widgets?.find((w) => w.name === name);
+}
+
+function valueOf(node, name, fallback) {
+  const w = widgetOf(node, name);
+  return w === undefined || w.value === undefined ? fallback : w.value;
+}
+
+class LiveSession {
+  constructor(node) {
+    this.node = node;
+    this.running = false;
+    this.inFlight = new Map(); // prompt_id -> time queued
+    this.reserved = 0; // slots taken by frames still being uploaded/queued
+    this.stats = { captured: 0, dropped: 0, queued: 0, done: 0, errors: 0, started: 0 };
+    this.statusWidget = null;
+    this.message = "stopped";
+  }
+
+  get message() {
+    return this._message;
+  }
+
+  // Shown in the node's status line; also what a failed start reports in a toast.
+  set message(text) {
+    this._message = text;
+    if (this.statusWidget) this.statusWidget.value = text;
+    this.onStateChange?.();
+  }
+
+  get busy() {
+    return this.inFlight.size + this.reserved;
+  }
+
+  async start(source, file) {
+    if (this.running) return;
+    this.stats = { captured: 0, dropped: 0, queued: 0, done: 0, errors: 0, started: performance.now() };
+    this.message = "starting…";
+    try {
+      await this.openMedia(source, file);
+      await this.openSource();
+    } catch (err) {
+      this.closeMedia();
+      this.message = `error: ${err.message ?? err}`;
+      throw err;
+    }
+    this.running = true;
+    this.width = valueOf(this.node, "width", 512);
+    this.height = valueOf(this.node, "height", 512);
+    this.maxInFlight = valueOf(this.node, "max_in_flight", 2);
+    this.canvas = document.createElement("canvas");
+    this.canvas.width = this.width;
+    this.canvas.height = this.height;
+    const fps = Math.max(1, valueOf(this.node, "fps", 10));
+    this.timer = setInterval(() => this.tick(), 1000 / fps);
+    this.message = `live: ${this.streamId}`;
+  }
+
+  async openMedia(source, file) {
+    const video = document.createElement("video");
+    video.muted = true;
+    video.playsInline = true;
+    if (source === "video file") {
+      if (!file) throw new Error("choose a video file first");
+      this.objectUrl = URL.createObjectURL(file);
+      video.src = this.objectUrl;
+      video.loop = true;
+    } else {
+      if (!navigator.mediaDevices?.getUserMedia) {
+        throw new Error("this browser gives no camera here (needs https or localhost)");
+      }
+      this.mediaStream = await navigator.mediaDevices.getUserMedia({
+        video: { width: valueOf(this.node, "width", 512), height: valueOf(this.node, "height", 512) },
+        audio: false,
+      });
+      video.srcObject = this.mediaStream;
+    }
+    await video.play();
+    this.video = video;
+  }
+
+  closeMedia() {
+    this.mediaStream?.getTracks().forEach((t) => t.stop());
+    this.mediaStream = null;
+    if (this.video) {
+      this.video.pause();
+      this.video.removeAttribute("src");
+      this.video.srcObject = null;
+    }
+    this.video = null;
+    if (this.objectUrl) URL.revokeObjectURL(this.objectUrl);
+    this.objectUrl = null;
+  }
+
+  // Claim the stream id for this tab; another tab holding it makes us pick a suffixed id.
+  async openSource() {
+    const idWidget = widgetOf(this.node, "stream_id");
+    const base = String(idWidget?.value || "webcam");
+    let id = base;
+    for (let attempt = 0; attempt < 4; attempt++) {
+      const res = await api.fetchApi(`/turbostream/live/${encodeURIComponent(id)}/open`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ client_id: api.clientId }),
+      });
+      const body = await res.json().catch(() => ({}));
+      if (res.status === 409) {
+        id = `${base.replace(/-[a-z0-9]{4}$/, "")}-${Math.random().toString(36).slice(2, 6)}`;
+        continue;
+      }
+      if (!res.ok) throw new Error(body.error ?? `open failed (${res.status})`);
+      if (idWidget) idWidget.value = id;
+      this.streamId = id;
+      this.token = body.token;
+      return;
+    }
+    throw new Error(`stream id ${base} and its variants are all in use`);
+  }
+
+  async stop(reason = "stopped") {
+    if (!this.running && !this.video) return;
+    this.running = false;
+    clearInterval(this.timer);
+    this.closeMedia();
+    this.message = reason;
+    if (this.token) {
+      const token = this.token;
+      this.token = null;
+      await api
+        .fetchApi(`/turbostream/live/${encodeURIComponent(this.streamId)}/close`, {
+          method: "POST",
+          headers: { [TOKEN_HEADER]: token },
+        })
+        .catch(() => {});
+    }
+    this.node.setDirtyCanvas(true, false);
+  }
+
+  finish(promptId, failed) {
+    if (!this.inFlight.delete(promptId)) return false;
+    this.stats.done += 1;
+    if (failed) this.stats.errors += 1;
+    return true;
+  }
+
+  async tick() {
+    if (!this.running || !this.video || this.video.readyState < 2) return;
+    const now = performance.now();
+    for (const [id, t] of this.inFlight) {
+      if (now - t > PROMPT_TIMEOUT_MS) this.inFlight.delete(id); // lost track of it: free the slot
+    }
+    if (this.busy >= this.maxInFlight) {
+      this.stats.dropped += 1;
+      return;
+    }
+    this.reserved += 1;
+    try {
+      const blob = await this.capture();
+      if (!this.running) return;
+      const res = await api.fetchApi(`/turbostream/live/${encodeURIComponent(this.streamId)}/frame`, {
+        method: "POST",
+        headers: { "Content-Type": "image/jpeg", [TOKEN_HEADER]: this.token, [CAPTURED_HEADER]: String(Date.now()) },
+        body: blob,
+      });
+      if (!res.ok) {
+        const body = await res.json().catch(() => ({}));
+        throw new Error(body.error ?? `frame upload failed (${res.status})`);
+      }
+      this.stats.captured += 1;
+      if (!this.running) return;
+      const prompt = await app.graphToPrompt();
+      const queued = await api.queuePrompt(0, prompt);
+      this.inFlight.set(queued.prompt_id, performance.now());
+      this.stats.queued += 1;
+      this.message = `live: ${this.streamId} · ${this.stats.queued} queued · ${this.stats.dropped} dropped`;
+    } catch (err) {
+      const detail = err?.response?.error?.message ?? err?.message ?? String(err);
+      console.error("[TurboStream] live frame failed:", err);
+      await this.stop(`stopped: ${detail}`);
+    } finally {
+      this.reserved -= 1;
+      this.node.setDirtyCanvas(true, false);
+    }
+  }
+
+  // The video frame scaled to cover width x height and centre-cropped, as JPEG.
+  capture() {
+    const { videoWidth: vw, videoHeight: vh } = this.video;
+    const scale = Math.max(this.width / vw, this.height / vh);
+    const sw = this.width / scale;
+    const sh = this.height / scale;
+    const ctx = this.canvas.getContext("2d");
+    ctx.drawImage(this.video, (vw - sw) / 2, (vh - sh) / 2, sw, sh, 0, 0, this.width, this.height);
+    return new Promise((resolve, reject) =>
+      this.canvas.toBlob((b) => (b ? resolve(b) : reject(new Error("canvas capture failed"))), "image/jpeg", JPEG_QUALITY),
+    );
+  }
+}
+
+const sessions = new Set();
+
+function onPromptEnd(failed) {
+  return (event) => {
+    const id = event.detail?.prompt_id;
+    for (const s of sessions) {
+      if (s.finish(id, failed) && failed && s.running) {
+        s.stop("stopped: the workflow failed (see the error)");
+      }
+    }
+  };
+}
+
+app.registerExtension({
+  name: "turbostream.liveInput",
+
+  async setup() {
+    api.addEventListener("execution_success", onPromptEnd(false));
+    api.addEventListener("execution_error", onPromptEnd(true));
+    api.addEventListener("execution_interrupted", onPromptEnd(true));
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE_TYPE) return;
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const session = new LiveSession(this);
+      this.turbostreamLive = session;
+      sessions.add(session);
+
+      const source = this.addWidget("combo", "source", SOURCES[0], () => {}, { values: SOURCES, serialize: false });
+      source.serialize = false;
+
+      const picker = document.createElement("input");
+      picker.type = "file";
+      picker.accept = "video/*";
+      const fileButton = this.addWidget("button", "choose video file", null, () => picker.click(), { serialize: false });
+      fileButton.serialize = false;
+      picker.addEventListener("change", () => {
+        session.file = picker.files?.[0] ?? null;
+        fileButton.label = session.file ? `video: ${session.file.name}` : "choose video file";
+        if (session.file) source.value = "video file";
+        this.setDirtyCanvas(true, false);
+      });
+
+      const toggle = this.addWidget(
+        "button",
+        "start",
+        null,
+        async () => {
+          if (session.running) {
+            await session.stop();
+          } else {
+            await session.start(source.value, session.file).catch((err) => {
+              console.error("[TurboStream] live start failed:", err);
+              app.extensionManager?.toast?.add?.({
+                severity: "error",
+                summary: "TurboStream live",
+                detail: session.message,
+                life: 6000,
+              });
+            });
+          }
+          toggle.label = session.running ? "■ Stop live" : "▶ Start live";
+          this.setDirtyCanvas(true, false);
+        },
+        { serialize: false },
+      );
+      toggle.label = "▶ Start live";
+      toggle.serialize = false;
+
+      const status = this.addWidget("text", "status", "stopped", () => {}, { serialize: false });
+      status.serialize = false;
+      session.statusWidget = status;
+      session.onStateChange = () => {
+        toggle.label = session.running ? "■ Stop live" : "▶ Start live";
+        this.setDirtyCanvas(true, false);
+      };
+      return result;
+    };
+
+    const onRemoved = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      const session = this.turbostreamLive;
+      if (session) {
+        session.stop("node removed");
+        sessions.delete(session);
+      }
+      return onRemoved?.apply(this, arguments);
+    };
+  },
+});

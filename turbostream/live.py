@@ -1,0 +1,317 @@
+"""Live sources: frames uploaded by a browser (or any client) for a stream id, held in memory.
+
+Pure Python + Pillow + torch; the aiohttp routes in ``nodes/live.py`` are a thin layer over
+:func:`handle_open`, :func:`handle_frame` and :func:`handle_close`, which return ``(status, body)``
+so every rule here is tested without a host.
+
+Rules:
+
+* A stream id (:func:`turbostream.registry.validate_stream_id`) is owned by one websocket client
+  id. ``open`` returns a random token; every frame and the ``close`` must carry it, so a frame for
+  someone else's stream is refused (403) and output frames are pushed to the owner only.
+* Frames are bounded before decoding: body bytes (``TURBOSTREAM_LIVE_MAX_BYTES``, 8 MiB), image
+  content types only (JPEG, PNG, WebP), and pixels read from the header before any decode
+  (``TURBOSTREAM_LIVE_MAX_PIXELS``, 2048x2048; a decompression bomb never gets decoded).
+* Each source keeps the newest ``RING_SIZE`` frames (uint8, never written to disk); older frames
+  are dropped and counted. Idle sources expire after ``TURBOSTREAM_STREAM_IDLE_S`` seconds once
+  their owner's websocket is gone (a connected tab waiting on slow prompts keeps its source), and at
+  most ``TURBOSTREAM_LIVE_MAX_SOURCES`` exist at once (a new one beyond that is refused with 429,
+  never by evicting a stream that is still in use).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .client import LIVE_FRAME_EVENT as FRAME_EVENT  # noqa: F401 - the nodes send it
+from .registry import DEFAULT_IDLE_SECONDS, validate_stream_id
+
+logger = logging.getLogger("turbostream")
+
+RING_SIZE = 4
+DEFAULT_MAX_BYTES = 8 << 20
+DEFAULT_MAX_PIXELS = 2048 * 2048
+DEFAULT_MAX_SOURCES = 16
+CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class LiveError(Exception):
+    """A refused request: ``status`` is the HTTP status, the message says what to do."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Frame:
+    """One received frame: ``image`` is ``(H, W, 3)`` uint8; ``captured_ms`` is the sender's clock."""
+
+    seq: int
+    image: torch.Tensor
+    captured_ms: float | None
+    received: float
+
+
+@dataclass
+class LiveSource:
+    stream_id: str
+    owner: str
+    token: str
+    frames: deque = field(default_factory=lambda: deque(maxlen=RING_SIZE))
+    next_seq: int = 0
+    received: int = 0
+    dropped: int = 0
+    sent: int = 0
+    last_used: float = 0.0
+    current: Frame | None = None
+    """The frame the running prompt took (set by the LiveInput node, read by LiveOutput)."""
+    current_started: float = 0.0
+
+
+def check_content_type(content_type: str | None) -> str:
+    """The Pillow format for an accepted content type; :class:`LiveError` 415 otherwise."""
+    kind = CONTENT_TYPES.get((content_type or "").split(";")[0].strip().lower())
+    if kind is None:
+        raise LiveError(415, f"content type {content_type!r} is not accepted: send image/jpeg, image/png or image/webp")
+    return kind
+
+
+def decode_frame(data: bytes, content_type: str, max_bytes: int, max_pixels: int) -> torch.Tensor:
+    """Check and decode one uploaded image to ``(H, W, 3)`` uint8.
+
+    Raises :class:`LiveError` 413 for too many bytes or pixels, 415 for a content type that is not
+    JPEG/PNG/WebP, 400 for bytes that are not a complete image of the declared type.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    kind = check_content_type(content_type)
+    if len(data) > max_bytes:
+        raise LiveError(413, f"frame is {len(data)} bytes; the limit is {max_bytes} (lower the capture resolution)")
+    if not data:
+        raise LiveError(400, "empty body: send the encoded frame as the request body")
+    try:
+        # open() reads only the header, so the size check below happens before any pixel is decoded.
+        with Image.open(io.BytesIO(data), formats=[kind]) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise LiveError(413, f"frame is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+            im.load()
+            rgb = im.convert("RGB")
+    except LiveError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise LiveError(413, f"frame refused as a decompression bomb ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise LiveError(400, f"body is not a valid {kind} image ({type(exc).__name__}: {exc})") from None
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+
+
+def encode_preview(image: torch.Tensor, quality: int = 85) -> str:
+    """``(H, W, 3)`` float image in 0..1 → a ``data:image/jpeg;base64,...`` URL."""
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=int(quality))
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def fit_frame(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 → ``(height, width, 3)`` float 0..1: scaled to cover, centre-cropped."""
+    x = image.permute(2, 0, 1)[None].float() / 255.0
+    h, w = x.shape[-2:]
+    if (h, w) != (height, width):
+        scale = max(height / h, width / w)
+        nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - height) // 2, (nw - width) // 2
+        x = x[..., top : top + height, left : left + width]
+    return x[0].permute(1, 2, 0).clamp(0, 1).contiguous()
+
+
+class LiveSources:
+    """The live sources of one server, thread-safe (routes run on the event loop, nodes on the worker)."""
+
+    def __init__(
+        self,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_sources = max_sources
+        self.idle_seconds = idle_seconds
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.clock = clock
+        self.is_connected: Callable[[str], bool] = lambda client_id: False
+        """Whether a websocket client id is connected; the routes set it to the server's sockets."""
+        self._sources: dict[str, LiveSource] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> LiveSources:
+        env = os.environ.get
+        return cls(
+            max_sources=int(env("TURBOSTREAM_LIVE_MAX_SOURCES", DEFAULT_MAX_SOURCES)),
+            idle_seconds=float(env("TURBOSTREAM_STREAM_IDLE_S", DEFAULT_IDLE_SECONDS)),
+            max_bytes=int(env("TURBOSTREAM_LIVE_MAX_BYTES", DEFAULT_MAX_BYTES)),
+            max_pixels=int(env("TURBOSTREAM_LIVE_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+        )
+
+    def sweep(self) -> list[str]:
+        """Drop sources idle longer than ``idle_seconds`` whose owner is no longer connected."""
+        now = self.clock()
+        with self._lock:
+            idle = [
+                k
+                for k, s in self._sources.items()
+                if now - s.last_used > self.idle_seconds and not self.is_connected(s.owner)
+            ]
+            for k in idle:
+                del self._sources[k]
+        for k in idle:
+            logger.info("live source %s expired after %.0f s idle", k, self.idle_seconds)
+        return idle
+
+    def open(self, stream_id: str, client_id: str, is_connected: Callable[[str], bool] | None = None) -> str:
+        """Claim ``stream_id`` for ``client_id``; returns the token that frames must carry.
+
+        The same client may re-open (a reloaded tab gets a new token). Another client gets 409 while
+        the owner's websocket is connected; a source whose owner is gone is handed over.
+        """
+        _check_stream_id(stream_id)
+        is_connected = is_connected or (lambda _: True)
+        if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.match(client_id):
+            raise LiveError(400, "client_id must be the websocket clientId (1-64 letters, digits, '_' or '-')")
+        if not is_connected(client_id):
+            raise LiveError(400, f"client {client_id!r} has no open websocket: connect /ws?clientId=... first")
+        self.sweep()
+        with self._lock:
+            src = self._sources.get(stream_id)
+            if src is not None and src.owner != client_id and is_connected(src.owner):
+                raise LiveError(409, f"stream {stream_id!r} is in use by another client: choose another stream_id")
+            if src is None and len(self._sources) >= self.max_sources:
+                raise LiveError(
+                    429, f"{self.max_sources} live sources are open; close one or wait for idle ones to expire"
+                )
+            token = secrets.token_urlsafe(24)
+            self._sources[stream_id] = LiveSource(stream_id, client_id, token, last_used=self.clock())
+        logger.info("live source %s opened", stream_id)
+        return token
+
+    def _owned(self, stream_id: str, token: str | None) -> LiveSource:
+        _check_stream_id(stream_id)
+        src = self._sources.get(stream_id)
+        if src is None:
+            raise LiveError(404, f"no live source {stream_id!r}: open it first (POST .../open), or it expired")
+        if not token or not hmac.compare_digest(src.token, token):
+            raise LiveError(403, f"stream {stream_id!r} belongs to another client (missing or wrong token)")
+        return src
+
+    def authorize(self, stream_id: str, token: str | None) -> None:
+        """Raise 400/403/404 unless ``token`` owns ``stream_id`` (checked before a body is read)."""
+        with self._lock:
+            self._owned(stream_id, token)
+
+    def push(self, stream_id: str, token: str | None, image: torch.Tensor, captured_ms: float | None = None) -> dict:
+        self.sweep()
+        with self._lock:
+            src = self._owned(stream_id, token)
+            if len(src.frames) == src.frames.maxlen:
+                src.dropped += 1  # the oldest frame was never taken by a prompt
+            frame = Frame(src.next_seq, image, captured_ms, self.clock())
+            src.frames.append(frame)
+            src.next_seq += 1
+            src.received += 1
+            src.last_used = frame.received
+            return {"stream_id": stream_id, "seq": frame.seq, "dropped": src.dropped}
+
+    def close(self, stream_id: str, token: str | None) -> None:
+        with self._lock:
+            self._owned(stream_id, token)
+            del self._sources[stream_id]
+        logger.info("live source %s closed", stream_id)
+
+    def take_latest(self, stream_id: str) -> Frame | None:
+        """The newest frame (kept in the ring), marked as the running prompt's frame; None if none."""
+        self.sweep()
+        with self._lock:
+            src = self._sources.get(stream_id)
+            if src is None or not src.frames:
+                return None
+            src.current, src.current_started = src.frames[-1], self.clock()
+            src.last_used = src.current_started
+            return src.current
+
+    def latest_seq(self, stream_id: str) -> int:
+        with self._lock:
+            src = self._sources.get(stream_id)
+            return src.frames[-1].seq if src is not None and src.frames else -1
+
+    def owner_and_current(self, stream_id: str) -> tuple[str | None, Frame | None, float]:
+        """For an output frame: (owner client id, the frame it was made from, when that prompt took it)."""
+        with self._lock:
+            src = self._sources.get(stream_id)
+            if src is None:
+                return None, None, 0.0
+            src.sent += 1
+            src.last_used = self.clock()
+            return src.owner, src.current, src.current_started
+
+    def describe(self) -> list[dict]:
+        """Public facts only (no owners, no tokens)."""
+        now = self.clock()
+        with self._lock:
+            return [
+                {
+                    "stream_id": s.stream_id,
+                    "received": s.received,
+                    "dropped": s.dropped,
+                    "sent": s.sent,
+                    "idle_s": round(now - s.last_used, 3),
+                }
+                for s in self._sources.values()
+            ]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sources)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sources.clear()
+
+
+def _check_stream_id(stream_id: str) -> None:
+    try:
+        validate_stream_id(stream_id)
+    except ValueError as exc:
+        raise LiveError(400, str(exc)) from None
+
+
+def parse_captured_ms(value: str | None) -> float | None:
+    """The sender's capture time in ms (``X-TurboStream-Captured``); None when absent or not a number."""
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        return None
+    return ms if ms == ms and abs(ms) < 1e15 else None
