@@ -41,6 +41,8 @@ def _clip_frames(host, out: Path) -> list[bytes]:
 
 
 async def _live_round(host, workflow: dict, frames: list[bytes], stream_id: str) -> tuple[float, list[float]]:
+    workflow = copy.deepcopy(workflow)
+    workflow["6"]["inputs"]["stream_id"] = stream_id
     async with LiveClient(host.url) as cl:
         await cl.open(stream_id)
         in_flight: set[str] = set()
