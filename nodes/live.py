@@ -8,6 +8,7 @@ front-end half is ``js/live_input.js`` (capture, upload, queue with a bounded nu
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -24,6 +25,7 @@ SOURCES = core.LiveSources.from_env()
 """Live sources by stream id, shared by the routes and the nodes (outlives prompts)."""
 
 PLACEHOLDER_GRAY = 0.5
+OPEN_BODY_LIMIT = 4096
 TOKEN_HEADER = "X-TurboStream-Token"
 CAPTURED_HEADER = "X-TurboStream-Captured"
 
@@ -270,8 +272,9 @@ def register_routes() -> None:
     @server.routes.post("/turbostream/live/{stream_id}/open")
     async def open_source(request):
         try:
+            data = await _read_bounded(request, OPEN_BODY_LIMIT)
             try:
-                body = await request.json()
+                body = json.loads(data)  # bytes: UTF-8/16/32 detected; the declared charset is ignored
             except ValueError:
                 raise core.LiveError(400, 'send JSON {"client_id": "<websocket clientId>"}') from None
             client_id = body.get("client_id") if isinstance(body, dict) else None
