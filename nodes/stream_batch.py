@@ -528,21 +528,23 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
             entry = REGISTRY.put(stream_id, state, nbytes=nbytes, signature=sig, size=list(image.shape[1:3]), frames=0)
         state = entry.value
         engine, flt = state["engine"], state["filter"]
-        engine.config.cfg_type, engine.config.guidance, engine.config.delta = cfg_type, guidance, delta
-        flt.threshold, flt.max_skip_frames = similarity_threshold, max_skip_frames
-        entry.meta["frames"] += 1
-        if state["last"] is not None and flt.should_skip(image * 2 - 1):
-            out = state["last"]
-        else:
-            if state["last"] is None:
-                flt.should_skip(image * 2 - 1)  # the first frame becomes the filter's reference
-            z = _to_model_space(model, tiny_encode(node, vae, image))
-            finished = engine.img2img(z, host_denoiser(model, seed), positive, negative)
-            # warm-up: the buffer holds no finished frame yet; show the newest frame's one-step estimate
-            x0 = finished if engine.calls > engine.lag else engine.last_first_x0
-            out = tiny_decode(node, vae, _to_raw(model, x0))
-            state["last"] = out
-        entry.meta["calls"] = engine.calls
+        # All or nothing: an interrupt or error mid-frame leaves the stream as it was before the frame.
+        with core.transaction(engine, engine.config, flt, state, entry.meta):
+            engine.config.cfg_type, engine.config.guidance, engine.config.delta = cfg_type, guidance, delta
+            flt.threshold, flt.max_skip_frames = similarity_threshold, max_skip_frames
+            entry.meta["frames"] += 1
+            if state["last"] is not None and flt.should_skip(image * 2 - 1):
+                out = state["last"]
+            else:
+                if state["last"] is None:
+                    flt.should_skip(image * 2 - 1)  # the first frame becomes the filter's reference
+                z = _to_model_space(model, tiny_encode(node, vae, image))
+                finished = engine.img2img(z, host_denoiser(model, seed), positive, negative)
+                # warm-up: the buffer holds no finished frame yet; show the newest frame's one-step estimate
+                x0 = finished if engine.calls > engine.lag else engine.last_first_x0
+                out = tiny_decode(node, vae, _to_raw(model, x0))
+                state["last"] = out
+            entry.meta["calls"] = engine.calls
         return io.NodeOutput(
             out,
             ui={

@@ -237,3 +237,46 @@ def test_frame_groups_pad_the_last_group():
     groups, pad = sb.frame_groups(5, 2)
     assert [(g.start, g.stop) for g in groups] == [(0, 2), (2, 4), (4, 5)] and pad == 1
     assert sb.frame_groups(4, 2)[1] == 0
+
+
+def test_a_failed_frame_leaves_the_stream_untouched():
+    """transaction(): a call that raises midway (e.g. the host's interrupt inside the UNet, after the
+    filter already looked at the frame) leaves engine, filter and bookkeeping exactly as before."""
+    denoise, _ = make_denoiser()
+    frames = [torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(4)]
+
+    def run(fail_at: int | None):
+        engine = make_engine([359, 99], cfg_type="self", guidance=1.2, add_noise=True)
+        flt = sb.SimilarityFilter(0.5, 3, seed=1)
+        meta, outs = {"frames": 0}, []
+        for k, z in enumerate(frames):
+            boom = k == fail_at
+
+            def failing(x, t, cond):
+                raise KeyboardInterrupt("interrupted")  # what the host's interrupt raises, in spirit
+
+            try:
+                with sb.transaction(engine, engine.config, flt, meta):
+                    engine.config.guidance = 3.0 if boom else 1.2
+                    meta["frames"] += 1
+                    flt.should_skip(z.float())
+                    outs.append(engine.img2img(z, failing if boom else denoise, 0.5))
+            except KeyboardInterrupt:
+                assert boom
+        return engine, flt, meta, outs
+
+    ref_engine, ref_flt, ref_meta, ref = run(None)
+    engine, flt, meta, outs = run(2)
+    assert meta["frames"] == 3 and engine.config.guidance == 1.2 and engine.calls == 3
+    # Frame 3 after the failed frame 2 equals frame 3 of a stream that never saw frame 2.
+    skip2 = [frames[0], frames[1], frames[3]]
+    engine2 = make_engine([359, 99], cfg_type="self", guidance=1.2, add_noise=True)
+    flt2 = sb.SimilarityFilter(0.5, 3, seed=1)
+    expected = []
+    for z in skip2:
+        flt2.should_skip(z.float())
+        expected.append(engine2.img2img(z, denoise, 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(outs, expected, strict=True))
+    assert torch.equal(flt.generator.get_state(), flt2.generator.get_state())
+    assert torch.equal(flt.reference, flt2.reference)
+    assert not torch.equal(outs[-1], ref[-1])  # the failed frame really was left out

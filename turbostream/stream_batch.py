@@ -25,7 +25,8 @@ conditioning is a per-call argument and never touches the buffers).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,6 +345,31 @@ class StreamEngine:
         self, denoise: Denoiser, cond: Any, uncond: Any = None, latents: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.step(self.fresh_txt2img() if latents is None else latents, denoise, cond, uncond)
+
+
+@contextmanager
+def transaction(*objects: Any) -> Iterator[None]:
+    """Put the objects (their attributes, or a dict's items) back as they were if the block raises.
+
+    A live stream's state is then either fully updated by a frame or untouched by it, whatever
+    interrupts the call (the host's interrupt, out of memory, a bad input found late). This works
+    because the engine and the filter replace their tensors instead of writing into them; the
+    states of ``torch.Generator`` attributes are saved and restored too.
+    """
+    saved = []
+    for obj in objects:
+        attrs = obj if isinstance(obj, dict) else vars(obj)
+        generators = {k: v.get_state() for k, v in attrs.items() if isinstance(v, torch.Generator)}
+        saved.append((attrs, dict(attrs), generators))
+    try:
+        yield
+    except BaseException:
+        for attrs, copy, generators in saved:
+            attrs.clear()
+            attrs.update(copy)
+            for k, state in generators.items():
+                copy[k].set_state(state)
+        raise
 
 
 def stream_frames(
