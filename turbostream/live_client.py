@@ -42,6 +42,7 @@ class LiveClient:
         self.finished: dict[str, str] = {}  # prompt_id -> "execution_success" / "_error" / "_interrupted"
         self.errors: dict[str, dict] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self.executing: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (prompt_id, node id) as nodes start
 
     async def __aenter__(self) -> LiveClient:
         self.session = aiohttp.ClientSession()
@@ -64,10 +65,12 @@ class LiveClient:
             if kind == LIVE_FRAME_EVENT:
                 data["received_ms"] = time.time() * 1000
                 self.frames.put_nowait(data)
+            elif kind == "executing" and data.get("node") is not None:
+                self.executing.put_nowait((data.get("prompt_id"), str(data["node"])))
             elif kind in DONE_EVENTS and data.get("prompt_id"):
                 self.finished[data["prompt_id"]] = kind
-                if kind == "execution_error":
-                    self.errors[data["prompt_id"]] = data
+                if kind != "execution_success":
+                    self.errors[data["prompt_id"]] = data  # node_id / node_type say where it stopped
                 self._events.setdefault(data["prompt_id"], asyncio.Event()).set()
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
@@ -113,6 +116,18 @@ class LiveClient:
         """How the prompt ended (``execution_success``...); raises TimeoutError."""
         await asyncio.wait_for(self._events.setdefault(prompt_id, asyncio.Event()).wait(), timeout)
         return self.finished[prompt_id]
+
+    async def wait_for_node(self, prompt_id: str, node_id: str, timeout: float = 120) -> None:
+        """Until the host starts executing ``node_id`` of ``prompt_id`` (its "executing" message)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, node = await asyncio.wait_for(self.executing.get(), max(0.0, deadline - time.monotonic()))
+            if (pid, node) == (prompt_id, node_id):
+                return
+
+    async def interrupt(self) -> None:
+        async with self.session.post(f"{self.base}/interrupt") as resp:
+            resp.raise_for_status()
 
     async def next_frame(self, timeout: float = 60) -> dict[str, Any]:
         return await asyncio.wait_for(self.frames.get(), timeout)
