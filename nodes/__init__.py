@@ -2,7 +2,7 @@
 
 import logging
 
-from . import add_sampler, lcm_lora, live, stream_batch, tiny_vae
+from . import add_distill, add_sampler, lcm_lora, live, stream_batch, tiny_vae
 
 logger = logging.getLogger("turbostream")
 
@@ -12,6 +12,7 @@ ALL_NODES: list = [
     *lcm_lora.NODES,
     *stream_batch.NODES,
     *live.NODES,
+    *add_distill.NODES,
 ]
 
 _loaded = False
