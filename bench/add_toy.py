@@ -11,7 +11,8 @@ Everything is made here with the project's own code, on one CPU thread, seeded:
 2. **Metric network**: a small CNN classifier trained on the shape x colour labels (plus a "no
    shape" class of blank backgrounds); the metric is
    the Fréchet distance (FD) between its 64-d penultimate features of 1,000 generated and 1,000
-   held-out real images (FID-style, with this classifier in place of Inception).
+   held-out real images (FID-style, with this classifier in place of Inception); checked by a
+   classifier-free pixel FD (8x8 average-pooled images) and the label accuracy of the samples.
 3. **Discriminator backbone**: the built-in tiny ViT (``turbostream.add_distill.TINY_VIT``),
    pretrained here to regress the shape's position and size (not the metric's labels), then frozen.
 4. **Teacher**: a small class-conditional v-prediction UNet on the 2x2 pixel-unshuffled image
@@ -412,6 +413,25 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, per_row: int = 1
     grid.save(path)
 
 
+def _verdict(by: dict[str, dict]) -> str:
+    """The acceptance question in one line: is the 1-step ADD student clearly closer to the data than the teacher?"""
+    t1, a1 = by["teacher_1"], by["add_1"]
+    ratio = t1["fd"] / a1["fd"]
+    gap = (t1["fd"] - a1["fd"]) / max(t1["std"], a1["std"], 1e-9)
+    all_agree = a1["pixel_fd"] < t1["pixel_fd"] and a1["accuracy"] >= t1["accuracy"]
+    if ratio >= 1.5 and gap > 2 and all_agree:
+        word = "clearly"
+    elif ratio > 1 and gap > 2:
+        word = "only modestly"
+    else:
+        word = "not"
+    return (
+        f"- **Verdict: the 1-step ADD student is {word} closer to the data than the teacher's 1-step prediction**: "
+        f"FD {a1['fd']:.2f} vs {t1['fd']:.2f} ({ratio:.2f}x, {gap:.0f} bootstrap stds), pixel FD "
+        f"{a1['pixel_fd']:.2f} vs {t1['pixel_fd']:.2f}, label accuracy {a1['accuracy']:.0%} vs {t1['accuracy']:.0%}."
+    )
+
+
 def _collapse_warning(by: dict[str, dict]) -> list[str]:
     """A sentence for students whose FD beats ADD's while they draw nothing recognisable."""
     out = []
@@ -466,6 +486,7 @@ def write_report(path: Path, results: list[dict], notes: dict, grid_name: str, q
         "",
         "## What the numbers say",
         "",
+        _verdict(by),
         f"- 1 step: the ADD student reaches FD {add1:.3f} against {t1:.3f} for the teacher's one-step prediction, "
         f"{t1 / add1:.1f}x closer to the data; the distillation-only student reaches {dist1:.3f} "
         f"({t1 / dist1:.1f}x).",
