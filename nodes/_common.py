@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from functools import cache
 
+from ..turbostream.registry import validate_stream_id
+
 
 @cache
 def _accepts_advanced(input_cls: type) -> bool:
@@ -31,3 +33,11 @@ def model_family(model) -> str:
     """A human name for a MODEL's base ("SD15", "SDXL"...), from the host's detected config."""
     config = getattr(getattr(model, "model", None), "model_config", None)
     return type(config).__name__ if config is not None else "unknown"
+
+
+def check_stream_id(node_id: str, stream_id: str) -> None:
+    """Raise :class:`NodeInputError` on ``stream_id`` unless it is a valid stream id (never a path)."""
+    try:
+        validate_stream_id(stream_id)
+    except ValueError as exc:
+        raise NodeInputError(node_id, "stream_id", str(exc)) from None

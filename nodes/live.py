@@ -17,7 +17,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..turbostream import live as core
-from ._common import NodeInputError, advanced
+from ..turbostream.client import LIVE_CAPTURED_HEADER as CAPTURED_HEADER
+from ..turbostream.client import LIVE_TOKEN_HEADER as TOKEN_HEADER
+from ._common import NodeInputError, advanced, check_stream_id
 
 logger = logging.getLogger("turbostream")
 
@@ -26,8 +28,6 @@ SOURCES = core.LiveSources.from_env()
 
 PLACEHOLDER_GRAY = 0.5
 OPEN_BODY_LIMIT = 4096
-TOKEN_HEADER = "X-TurboStream-Token"
-CAPTURED_HEADER = "X-TurboStream-Captured"
 
 
 def _prompt_server():
@@ -45,13 +45,6 @@ def _stream_id_problem(node: str, stream_id: str | None) -> str | None:
     except ValueError as exc:
         return f"{node}: stream_id: {exc}"
     return None
-
-
-def _check_stream_id(node: str, stream_id: str) -> None:
-    try:
-        core.validate_stream_id(stream_id)
-    except ValueError as exc:
-        raise NodeInputError(node, "stream_id", str(exc)) from None
 
 
 class TurboStreamLiveInput(io.ComfyNode):
@@ -119,7 +112,7 @@ class TurboStreamLiveInput(io.ComfyNode):
     @classmethod
     def execute(cls, stream_id, width, height, fps=10, max_in_flight=2, fallback=None) -> io.NodeOutput:
         node = "TurboStreamLiveInput"
-        _check_stream_id(node, stream_id)
+        check_stream_id(node, stream_id)
         if width % 8 or height % 8:
             raise NodeInputError(node, "width", f"{width}x{height} must be multiples of 8 (the VAE's factor)")
         frame = SOURCES.take_latest(stream_id)
@@ -190,7 +183,7 @@ class TurboStreamLiveOutput(io.ComfyNode):
     @classmethod
     def execute(cls, images, stream_id, save_every=0, filename_prefix="turbostream/live", quality=85) -> io.NodeOutput:
         node = "TurboStreamLiveOutput"
-        _check_stream_id(node, stream_id)
+        check_stream_id(node, stream_id)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise NodeInputError(node, "images", f"expected an IMAGE batch (B, H, W, 3), got {tuple(images.shape)}")
         owner, frame, started = SOURCES.owner_and_current(stream_id)

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 
 from ..turbostream import stream_batch as core
 from ..turbostream.registry import StreamRegistry, validate_stream_id
-from ._common import NodeInputError, advanced, model_family
+from ._common import NodeInputError, advanced, check_stream_id, model_family
 from .tiny_vae import tiny_decode, tiny_encode
 
 logger = logging.getLogger("turbostream")
@@ -493,10 +493,7 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
         negative=None,
     ) -> io.NodeOutput:
         node = "TurboStreamLiveImg2Img"
-        try:
-            validate_stream_id(stream_id)
-        except ValueError as exc:
-            raise NodeInputError(node, "stream_id", str(exc)) from None
+        check_stream_id(node, stream_id)
         timesteps = _timesteps(node, t_index_list, index_mode)
         f = frame_buffer_size
         if image.ndim != 4 or image.shape[0] != f:

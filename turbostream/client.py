@@ -30,6 +30,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 CONNECT_TIMEOUT_S = 10.0
 LIVE_FRAME_EVENT = "turbostream.live.frame"
 """Websocket event of an output frame that TurboStreamLiveOutput pushes to its owning client."""
+LIVE_TOKEN_HEADER = "X-TurboStream-Token"
+"""Header carrying the token a live source's ``open`` returned (frames and ``close`` need it)."""
+LIVE_CAPTURED_HEADER = "X-TurboStream-Captured"
+"""Optional header: the sender's capture time of a frame in ms (for end-to-end latency)."""
 
 
 class ClientError(UserError):

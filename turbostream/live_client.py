@@ -17,10 +17,10 @@ from typing import Any
 
 import aiohttp
 
+from .client import LIVE_CAPTURED_HEADER as CAPTURED_HEADER
 from .client import LIVE_FRAME_EVENT
+from .client import LIVE_TOKEN_HEADER as TOKEN_HEADER
 
-TOKEN_HEADER = "X-TurboStream-Token"
-CAPTURED_HEADER = "X-TurboStream-Captured"
 DONE_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
 
