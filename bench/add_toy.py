@@ -375,7 +375,7 @@ def renoise(
 
 
 def generate(
-    sampler, n: int, seed: int, device: torch.device = torch.device("cpu"), chunk: int = 250
+    sampler, n: int, seed: int, device: torch.device | str = "cpu", chunk: int = 250
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(n images in [-1, 1] on the CPU, their classes)``: classes cycle through all 12; the noise is seeded on
     the CPU (same per row and device)."""
