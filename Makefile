@@ -3,7 +3,7 @@ BOOTSTRAP_PY ?= $(shell command -v python3.11 || command -v python3)
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench add-toy lint format serve clean
+.PHONY: setup demo test test-unit bench add-toy reliability lint format serve clean
 
 setup:
 	$(BOOTSTRAP_PY) -m turbostream setup
@@ -20,6 +20,9 @@ test-unit: setup
 
 bench: setup
 	$(VENV_PY) bench/run.py
+
+reliability: setup
+	$(VENV_PY) bench/reliability.py
 
 add-toy: setup
 	OMP_NUM_THREADS=1 $(VENV_PY) bench/add_toy.py

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..turbostream import add_distill as core
 from ..turbostream import add_sampler
-from ._common import NodeInputError, advanced, model_family
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family
 
 logger = logging.getLogger("turbostream")
 
@@ -77,6 +77,18 @@ def _free_path(save_name: str) -> tuple[str, str]:
         counter += 1
         name = f"{stem}_{counter:05d}{SAVE_SUFFIX}"
     return name, os.path.join(folder, name)
+
+
+def _save_atomically(tensors: dict, path: str, metadata: dict[str, str]) -> None:
+    """Write beside ``path`` under a name the host does not list, then rename: an interrupted or failed
+    write never leaves a truncated LoRA in the loras folder."""
+    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    try:
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def _prompts(prompts: str, count: int) -> list[str]:
@@ -140,6 +152,8 @@ def _images(images: torch.Tensor) -> torch.Tensor:
 
 
 def _feature_network(name: str) -> core.ViT:
+    listed = f"{BUILTIN_VIT!r} or a file in models/{FEATURES_FOLDER}"
+    check_option(NODE, "feature_network", name, feature_network_options(), listed)
     if name == BUILTIN_VIT:
         return core.tiny_vit(seed=0)
     path = folder_paths.get_full_path(FEATURES_FOLDER, name)
@@ -371,6 +385,11 @@ class TurboStreamADDDistill(io.ComfyNode):
         # 1. inputs
         if problem := save_name_problem(save_name):
             raise NodeInputError(NODE, "save_name", problem)
+        check_numbers(
+            cls, steps=steps, learning_rate=learning_rate, lora_rank=lora_rank, distill_weight=distill_weight,
+            seed=seed, batch_size=batch_size, discriminator_lr=discriminator_lr,
+            adversarial_weight=adversarial_weight, r1_weight=r1_weight, teacher_cfg=teacher_cfg,
+        )  # fmt: skip
         pixels = _images(images)
         texts = _prompts(prompts, pixels.shape[0])
         config = core.ADDConfig(
@@ -406,7 +425,7 @@ class TurboStreamADDDistill(io.ComfyNode):
             "ss_network_dim": str(lora_rank),
             "ss_network_alpha": str(float(lora_rank)),
         }
-        save_file(lora_sd, path, metadata=metadata)
+        _save_atomically(lora_sd, path, metadata)
         logger.info(
             "%s: %d steps on %d images in %.1f s; saved %s (%d LoRA modules, rank %d)",
             NODE, steps, len(texts), time.perf_counter() - t0, name, len(lora_sd) // 3, lora_rank,

@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..turbostream import add_sampler as core
-from ._common import NodeInputError, advanced, model_family
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family
 
 SCHEDULE_TOOLTIP = (
     "stability: SD-Turbo demo / SDTurboScheduler grid 999, 899, 799, ... (img2img starts at 10 - int(10 x denoise)). "
@@ -30,6 +30,8 @@ def _timesteps(node_id: str, schedule: str, steps: int, denoise: float, timestep
 def _validate(steps, schedule, timesteps, denoise) -> bool | str:
     if None in (steps, schedule, denoise) or (schedule == "custom" and timesteps is None):
         return True  # a linked input: checked again in execute
+    if not isinstance(steps, int) or not isinstance(denoise, int | float):
+        return True  # not a number: the host reports that it cannot convert the value
     try:
         core.add_timesteps(schedule, steps, denoise, timesteps or "")
     except core.ScheduleError as exc:
@@ -47,24 +49,26 @@ def _model_sampling(model_k):
     return model_k.inner_model.inner_model.model_sampling
 
 
-def _check_model_sampling(sampling) -> None:
+def _check_model_sampling(node: str, sampling) -> None:
     if isinstance(sampling, comfy.model_sampling.CONST):
-        raise ValueError(
+        raise NodeInputError(
+            node,
+            "model",
             "TurboStream ADD sampling supports epsilon/v-prediction models (SD1.x, SD2.x, SDXL and their "
-            "turbo/LCM variants), not flow-matching models; use the host's samplers for those."
+            "turbo/LCM variants), not flow-matching models; use the host's samplers for those.",
         )
 
 
 def sample_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """KSAMPLER function: Euler ancestral (eta 1) from the core."""
-    _check_model_sampling(_model_sampling(model))
+    _check_model_sampling("TurboStreamADDSampler", _model_sampling(model))
     return core.sample(model, x, sigmas, "ancestral", extra_args=extra_args, callback=callback)
 
 
 def sample_renoise(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """KSAMPLER function: predict x0, then forward-noise it to the next sigma with fresh noise."""
     sampling = _model_sampling(model)
-    _check_model_sampling(sampling)
+    _check_model_sampling("TurboStreamRenoiseSampler", sampling)  # ADD Sampler checks before sampling
     return core.sample(
         model, x, sigmas, "renoise", extra_args=extra_args, callback=callback, noise_scaling=sampling.noise_scaling
     )
@@ -169,9 +173,16 @@ class TurboStreamADDSampler(io.ComfyNode):
         negative=None,
     ) -> io.NodeOutput:
         node = "TurboStreamADDSampler"
+        check_numbers(cls, seed=seed, cfg=cfg)  # steps and denoise: the schedule checks them
+        check_option(node, "update", update, core.UPDATES)
         ts = _timesteps(node, schedule, steps, denoise, timesteps)
+        _check_model_sampling(node, model.get_model_object("model_sampling"))
         latent = latent_image.copy()
         samples = latent["samples"]
+        if samples.ndim != 4:
+            raise NodeInputError(
+                node, "latent_image", f"expected image latents (B, C, H, W), got shape {tuple(samples.shape)}"
+            )
         if samples.shape[0] == 0:
             raise NodeInputError(node, "latent_image", "the latent batch is empty; give it at least one latent")
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
@@ -236,7 +247,10 @@ class TurboStreamADDScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps, schedule, timesteps, denoise) -> io.NodeOutput:
-        return io.NodeOutput(_sigmas(model, _timesteps("TurboStreamADDScheduler", schedule, steps, denoise, timesteps)))
+        node = "TurboStreamADDScheduler"
+        ts = _timesteps(node, schedule, steps, denoise, timesteps)
+        _check_model_sampling(node, model.get_model_object("model_sampling"))
+        return io.NodeOutput(_sigmas(model, ts))
 
 
 class TurboStreamRenoiseSampler(io.ComfyNode):

@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..turbostream import lcm_lora as core
-from ._common import NodeInputError, advanced, model_family
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family
 
 logger = logging.getLogger("turbostream")
 
@@ -27,6 +27,7 @@ SAMPLING = ("lcm", "keep")
 
 def _read_lora(lora_name: str) -> tuple[str, dict[str, torch.Tensor]]:
     """``(path, state dict)`` of a file in the ``loras`` folder, through the host's loader and converter."""
+    check_option(NODE, "lora_name", lora_name, folder_paths.get_filename_list("loras"), "a LoRA in the loras folder")
     path = folder_paths.get_full_path("loras", lora_name)
     if path is None:
         raise NodeInputError(NODE, "lora_name", f"{lora_name} is not in the loras folder; pick an installed LoRA")
@@ -257,6 +258,8 @@ class TurboStreamLCMLoRAFuse(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, fuse, sampling, clip=None) -> io.NodeOutput:
+        check_numbers(cls, strength_model=strength_model, strength_clip=strength_clip)
+        check_option(NODE, "sampling", sampling, SAMPLING)
         path, lora_sd = _read_lora(lora_name)
         plan = _plan(model, clip, lora_sd, lora_name)
         identity = core.file_identity(path)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
+import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ..turbostream import live as core
 from ..turbostream.client import LIVE_CAPTURED_HEADER as CAPTURED_HEADER
 from ..turbostream.client import LIVE_TOKEN_HEADER as TOKEN_HEADER
-from ._common import NodeInputError, advanced, check_stream_id
+from ._common import NodeInputError, advanced, check_numbers, check_stream_id, number_problem
 
 logger = logging.getLogger("turbostream")
 
@@ -44,6 +46,22 @@ def _stream_id_problem(node: str, stream_id: str | None) -> str | None:
         core.validate_stream_id(stream_id)
     except ValueError as exc:
         return f"{node}: stream_id: {exc}"
+    return None
+
+
+def _prefix_problem(prefix: str | None) -> str | None:
+    """Why ``prefix`` cannot name images in the output folder (the host refuses to save outside it)."""
+    if prefix is None:
+        return None
+    if "\x00" in prefix:
+        return f"{prefix!r} contains a NUL character, which no file name can hold"
+    output_dir = os.path.abspath(folder_paths.get_output_directory())
+    target = os.path.abspath(os.path.join(output_dir, os.path.normpath(prefix)))
+    if os.path.commonpath((output_dir, target)) != output_dir:
+        return (
+            f"{prefix!r} leaves the output folder; use a name inside it, with subfolders if you like "
+            "(e.g. turbostream/live)"
+        )
     return None
 
 
@@ -101,10 +119,13 @@ class TurboStreamLiveInput(io.ComfyNode):
         return f"{stream_id}:{SOURCES.latest_seq(stream_id)}"
 
     @classmethod
-    def validate_inputs(cls, stream_id=None, width=8, height=8, **kwargs) -> bool | str:
+    def validate_inputs(cls, stream_id=None, width=None, height=None) -> bool | str:
+        # no **kwargs: the host range-checks every input this does not name
         problem = _stream_id_problem("TurboStreamLiveInput", stream_id)
         if problem:
             return problem
+        if problem := number_problem(cls, {"width": width, "height": height}):
+            return "TurboStreamLiveInput: {}: {}".format(*problem)
         if width is not None and height is not None and (width % 8 or height % 8):
             return f"TurboStreamLiveInput: width/height: {width}x{height} must be multiples of 8"
         return True
@@ -113,6 +134,7 @@ class TurboStreamLiveInput(io.ComfyNode):
     def execute(cls, stream_id, width, height, fps=10, max_in_flight=2, fallback=None) -> io.NodeOutput:
         node = "TurboStreamLiveInput"
         check_stream_id(node, stream_id)
+        check_numbers(cls, width=width, height=height, fps=fps, max_in_flight=max_in_flight)
         if width % 8 or height % 8:
             raise NodeInputError(node, "width", f"{width}x{height} must be multiples of 8 (the VAE's factor)")
         frame = SOURCES.take_latest(stream_id)
@@ -177,13 +199,21 @@ class TurboStreamLiveOutput(io.ComfyNode):
         return float("nan")  # every prompt pushes a frame
 
     @classmethod
-    def validate_inputs(cls, stream_id=None, **kwargs) -> bool | str:
-        return _stream_id_problem("TurboStreamLiveOutput", stream_id) or True
+    def validate_inputs(cls, stream_id=None, filename_prefix=None) -> bool | str:
+        # no **kwargs: the host range-checks every input this does not name
+        if problem := _stream_id_problem("TurboStreamLiveOutput", stream_id):
+            return problem
+        if problem := _prefix_problem(filename_prefix):
+            return f"TurboStreamLiveOutput: filename_prefix: {problem}"
+        return True
 
     @classmethod
     def execute(cls, images, stream_id, save_every=0, filename_prefix="turbostream/live", quality=85) -> io.NodeOutput:
         node = "TurboStreamLiveOutput"
         check_stream_id(node, stream_id)
+        check_numbers(cls, save_every=save_every, quality=quality)
+        if problem := _prefix_problem(filename_prefix):
+            raise NodeInputError(node, "filename_prefix", problem)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise NodeInputError(node, "images", f"expected an IMAGE batch (B, H, W, 3), got {tuple(images.shape)}")
         owner, frame, started = SOURCES.owner_and_current(stream_id)

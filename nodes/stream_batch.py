@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import comfy.model_management
 import comfy.model_sampling
@@ -15,7 +16,15 @@ from comfy_api.latest import io
 
 from ..turbostream import stream_batch as core
 from ..turbostream.registry import StreamRegistry, validate_stream_id
-from ._common import NodeInputError, advanced, check_stream_id, model_family
+from ._common import (
+    NodeInputError,
+    advanced,
+    check_numbers,
+    check_option,
+    check_stream_id,
+    host_oom_policy,
+    model_family,
+)
 from .tiny_vae import tiny_decode, tiny_encode
 
 logger = logging.getLogger("turbostream")
@@ -114,7 +123,17 @@ def _check_sizes(node: str, name: str, height: int, width: int) -> None:
             name,
             f"frames are {width}x{height}; both sides must be multiples of 8 (the "
             "latent grid). Resize or crop them first (e.g. ImageScale to "
-            f"{width // 8 * 8}x{height // 8 * 8})",
+            f"{max(8, width // 8 * 8)}x{max(8, height // 8 * 8)})",
+        )
+
+
+def _check_model(node: str, model) -> None:
+    if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
+        raise NodeInputError(
+            node,
+            "model",
+            f"this {model_family(model)} model uses flow-matching sampling; stream batch supports "
+            "epsilon/v-prediction models (SD1.x, SD2.x, SDXL and their turbo/LCM variants)",
         )
 
 
@@ -140,7 +159,7 @@ def _check_negative(node: str, cfg_type: str, guidance: float, negative) -> None
         )
 
 
-def _engine(model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape) -> core.StreamEngine:
+def _engine(node, model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape) -> core.StreamEngine:
     config = core.StreamConfig(
         timesteps=timesteps,
         frame_buffer_size=f,
@@ -151,7 +170,12 @@ def _engine(model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, lat
         seed=seed,
     )
     return core.StreamEngine(
-        config, host_schedule(model, timesteps, f), latent_shape, device=comfy.model_management.intermediate_device()
+        config,
+        host_schedule(model, timesteps, f),
+        latent_shape,
+        device=comfy.model_management.intermediate_device(),
+        oom=host_oom_policy(),
+        label=node,
     )
 
 
@@ -302,10 +326,16 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
         negative=None,
     ) -> io.NodeOutput:
         node = "TurboStreamStreamImg2Img"
+        check_option(node, "cfg_type", cfg_type, core.CFG_TYPES)
+        check_numbers(
+            cls, guidance=guidance, delta=delta, frame_buffer_size=frame_buffer_size, seed=seed,
+            similarity_threshold=similarity_threshold, max_skip_frames=max_skip_frames,
+        )  # fmt: skip
         timesteps = _timesteps(node, t_index_list, index_mode)
         if images.ndim != 4 or images.shape[0] == 0:
             raise NodeInputError(node, "images", f"expected a non-empty frame batch, got shape {tuple(images.shape)}")
         _check_sizes(node, "images", images.shape[1], images.shape[2])
+        _check_model(node, model)
         _check_vae(node, model, vae)
         _check_negative(node, cfg_type, guidance, negative)
         count, f = images.shape[0], frame_buffer_size
@@ -321,7 +351,9 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
             )
             images = torch.cat([images, images[-1:].expand(pad, *images.shape[1:])])
         latents = _to_model_space(model, tiny_encode(node, vae, images))
-        engine = _engine(model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, tuple(latents.shape[1:]))
+        engine = _engine(
+            node, model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, tuple(latents.shape[1:])
+        )
         flt = core.SimilarityFilter(similarity_threshold, max_skip_frames, seed)
         groups = [latents[i * f : (i + 1) * f] for i in range(len(slices))]
         skip = [flt.should_skip(images[i * f : (i + 1) * f] * 2 - 1) for i in range(len(slices))]
@@ -390,14 +422,20 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
         negative=None,
     ) -> io.NodeOutput:
         node = "TurboStreamStreamTxt2Img"
+        check_option(node, "cfg_type", cfg_type, core.CFG_TYPES)
+        check_numbers(
+            cls, width=width, height=height, frames=frames, guidance=guidance, delta=delta,
+            frame_buffer_size=frame_buffer_size, seed=seed,
+        )  # fmt: skip
         timesteps = _timesteps(node, t_index_list, index_mode)
         _check_sizes(node, "width", height, width)
+        _check_model(node, model)
         _check_vae(node, model, vae)
         _check_negative(node, cfg_type, guidance, negative)
         f = frame_buffer_size
         channels = model.get_model_object("latent_format").latent_channels
         engine = _engine(
-            model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, (channels, height // 8, width // 8)
+            node, model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, (channels, height // 8, width // 8)
         )
         groups = [None] * math.ceil(frames / f)
         pbar = comfy.utils.ProgressBar(len(groups) + engine.lag)
@@ -415,10 +453,9 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
 
 # -- live img2img -------------------------------------------------------------------------------------------
 def _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise) -> tuple:
-    """What a stream's state depends on: change any of these and the stream restarts."""
+    """What a stream's state depends on besides the model objects (:func:`_model_refs`): change any of
+    these and the stream restarts."""
     return (
-        id(model.model),
-        id(model.get_model_object("model_sampling")),
         len(model.patches),
         tuple(timesteps),
         f,
@@ -427,6 +464,28 @@ def _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise) -
         index_mode,
         add_noise,
     )
+
+
+def _model_refs(model) -> tuple[weakref.ref, weakref.ref]:
+    """Weak references to the model and its sampling object; the stream restarts when either is another
+    object. Not ``id()``: once the host frees its cache (``POST /free``) the reloaded model may get the
+    freed one's id; and a weak reference never keeps a freed model alive."""
+    return weakref.ref(model.model), weakref.ref(model.get_model_object("model_sampling"))
+
+
+def _restart_reason(entry, sig: tuple, model, size: list[int]) -> str | None:
+    """Why the stream in ``entry`` cannot go on with this frame (None: it can)."""
+    refs = entry.value.get("model_refs", ())
+    now = (model.model, model.get_model_object("model_sampling"))
+    same_model = len(refs) == len(now) and all(ref() is obj for ref, obj in zip(refs, now, strict=True))
+    if same_model and entry.meta.get("signature") == sig:
+        return None
+    old = entry.meta.get("size")
+    if old and old != size:
+        return "the frame size changed"
+    if not same_model and any(ref() is None for ref in refs):
+        return "the model was loaded again (the host freed its cache, e.g. POST /free)"
+    return "model, steps or seed changed"
 
 
 class TurboStreamLiveImg2Img(io.ComfyNode):
@@ -494,6 +553,11 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
     ) -> io.NodeOutput:
         node = "TurboStreamLiveImg2Img"
         check_stream_id(node, stream_id)
+        check_option(node, "cfg_type", cfg_type, core.CFG_TYPES)
+        check_numbers(
+            cls, guidance=guidance, delta=delta, frame_buffer_size=frame_buffer_size, seed=seed,
+            similarity_threshold=similarity_threshold, max_skip_frames=max_skip_frames,
+        )  # fmt: skip
         timesteps = _timesteps(node, t_index_list, index_mode)
         f = frame_buffer_size
         if image.ndim != 4 or image.shape[0] != f:
@@ -501,24 +565,23 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 node, "image", f"expected {f} frame(s) (frame_buffer_size), got shape {tuple(image.shape)}"
             )
         _check_sizes(node, "image", image.shape[1], image.shape[2])
+        _check_model(node, model)
         _check_vae(node, model, vae)
         _check_negative(node, cfg_type, guidance, negative)
         channels = model.get_model_object("latent_format").latent_channels
         latent_shape = (channels, image.shape[1] // 8, image.shape[2] // 8)
         sig = _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise)
         entry = REGISTRY.get(stream_id)
-        if entry is not None and entry.meta.get("signature") != sig:
-            old = entry.meta.get("size")
-            reason = (
-                "the frame size changed" if old and old != list(image.shape[1:3]) else "model, steps or seed changed"
-            )
+        reason = entry and _restart_reason(entry, sig, model, list(image.shape[1:3]))
+        if reason:
             logger.info("%s: stream %s restarts: %s", node, stream_id, reason)
             entry = None
         if entry is None:
             state = {
-                "engine": _engine(model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape),
+                "engine": _engine(node, model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape),
                 "filter": core.SimilarityFilter(similarity_threshold, max_skip_frames, seed),
                 "last": None,
+                "model_refs": _model_refs(model),
             }
             engine = state["engine"]
             nbytes = sum(t.numel() * t.element_size() for t in (engine.init_noise, engine.buffer, engine.stock_noise))
@@ -542,6 +605,8 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 out = tiny_decode(node, vae, _to_raw(model, x0))
                 state["last"] = out
             entry.meta["calls"] = engine.calls
+            # an interrupt that arrived while the frame was computed drops it (the transaction rolls back)
+            comfy.model_management.throw_exception_if_processing_interrupted()
         return io.NodeOutput(
             out,
             ui={

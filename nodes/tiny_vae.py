@@ -14,7 +14,8 @@ import torch
 from comfy_api.latest import io
 
 from ..turbostream import tiny_vae as core
-from ._common import NodeInputError, advanced
+from ..turbostream.oom import run_in_chunks
+from ._common import NodeInputError, advanced, check_option, host_oom_policy
 
 logger = logging.getLogger("turbostream")
 
@@ -90,6 +91,9 @@ def build_vae(module: core.TinyAutoencoder) -> comfy.sd.VAE:
 
 
 def load_tiny_vae(node: str, vae_name: str, latent_family: str = AUTO) -> comfy.sd.VAE:
+    check_option(node, "latent_family", latent_family, [AUTO, *core.FAMILIES])
+    if not isinstance(vae_name, str):
+        raise NodeInputError(node, "vae_name", f"{vae_name!r} is not one of the listed tiny VAEs")
     kind, _, name = vae_name.partition("/")
     if kind == "vae_approx":
         names = [f for f in folder_paths.get_filename_list("vae_approx") if (m := _HALF.match(f)) and m["base"] == name]
@@ -100,9 +104,9 @@ def load_tiny_vae(node: str, vae_name: str, latent_family: str = AUTO) -> comfy.
         files = [_read(node, "vae", name)]
     else:
         raise NodeInputError(node, "vae_name", f"{vae_name!r} is not one of the listed tiny VAEs")
-    family = _family(node, vae_name, latent_family, files)
     try:
-        encoder_sd, decoder_sd = core.split_halves(files)
+        encoder_sd, decoder_sd = core.split_halves(files)  # the layout first: a full-size VAE is no tiny one
+        family = _family(node, vae_name, latent_family, files)
         module = core.TinyAutoencoder(family, encoder_sd, decoder_sd, source=vae_name)
     except core.TinyVAEError as exc:
         raise NodeInputError(node, "vae_name", f"{vae_name}: {exc}") from None
@@ -165,11 +169,21 @@ def tiny_decode(node: str, vae, latents: torch.Tensor) -> torch.Tensor:
         device=comfy.model_management.intermediate_device(),
     )
     pbar = comfy.utils.ProgressBar(b)
+
+    def decode_chunk(start: int, stop: int) -> None:
+        img = tiny.decode(_prepare(vae, latents[start:stop]))
+        out[start:stop] = torch.clamp((img.to(out.device).float() + 1.0) / 2.0, min=0.0, max=1.0).movedim(1, -1)
+        pbar.update(stop - start)
+
     with torch.inference_mode():
-        for i in range(0, b, n):
-            img = tiny.decode(_prepare(vae, latents[i : i + n]))
-            out[i : i + n] = torch.clamp((img.to(out.device).float() + 1.0) / 2.0, min=0.0, max=1.0).movedim(1, -1)
-            pbar.update(img.shape[0])
+        run_in_chunks(
+            decode_chunk,
+            b,
+            n,
+            f"{node}: decoding {b} latent(s) to {w * core.SPATIAL_FACTOR}x{h * core.SPATIAL_FACTOR}",
+            host_oom_policy(),
+            unit="image",
+        )
     return out
 
 
@@ -212,12 +226,16 @@ def tiny_encode(node: str, vae, pixels: torch.Tensor) -> torch.Tensor:
     n = _load(vae, per_item, b)
     out = torch.empty((b, tiny.latent_channels, hh // 8, ww // 8), device=comfy.model_management.intermediate_device())
     pbar = comfy.utils.ProgressBar(b)
+
+    def encode_chunk(start: int, stop: int) -> None:
+        x = (cropped[start:stop] * 2.0 - 1.0).movedim(-1, 1)
+        out[start:stop] = tiny.encode(_prepare(vae, x)).to(out.device).float()
+        pbar.update(stop - start)
+
     with torch.inference_mode():
-        for i in range(0, b, n):
-            x = (cropped[i : i + n] * 2.0 - 1.0).movedim(-1, 1)
-            lat = tiny.encode(_prepare(vae, x))
-            out[i : i + n] = lat.to(out.device).float()
-            pbar.update(lat.shape[0])
+        run_in_chunks(
+            encode_chunk, b, n, f"{node}: encoding {b} image(s) of {ww}x{hh}", host_oom_policy(), unit="image"
+        )
     return out
 
 

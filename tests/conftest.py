@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,8 @@ _PEAKS: dict[str, float] = {}
 STREAM_IDLE_S = 20
 """Live streams idle this long are evicted in the test host (short, so eviction can be tested; long
 enough that a loaded 2-core machine does not expire a stream between two of its frames)."""
+LIVE_MAX_SOURCES = 64
+"""Live sources the test host allows at once (above the default 16, so 50 abandoned ids fit)."""
 
 
 def _peak_rss_gib(pid: int | str = "self") -> float:
@@ -65,7 +68,9 @@ def _peak_rss_gib(pid: int | str = "self") -> float:
 def host(host_dir, tiny_models_dir):
     """One headless ComfyUI with the pack and the tiny models (under tiny and standard names)."""
     server = HeadlessHost(
-        host_dir, model_links=demo_model_links(tiny_models_dir), env={"TURBOSTREAM_STREAM_IDLE_S": str(STREAM_IDLE_S)}
+        host_dir,
+        model_links=demo_model_links(tiny_models_dir),
+        env={"TURBOSTREAM_STREAM_IDLE_S": str(STREAM_IDLE_S), "TURBOSTREAM_LIVE_MAX_SOURCES": str(LIVE_MAX_SOURCES)},
     )
     server.start()
     yield server
@@ -87,6 +92,17 @@ def object_info(host) -> dict:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def history(server: HeadlessHost, prompt_id: str, timeout: float = 30) -> dict:
+    """The prompt's history entry (the host writes it just after it sends execution_success)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if entry is not None:
+            return entry
+        assert time.monotonic() < deadline, f"no history for {prompt_id}"
+        time.sleep(0.05)
 
 
 def queue(server: HeadlessHost, workflow: dict, out_dir: Path) -> client.JobResult:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,6 +340,21 @@ def test_interrupt_stops_training_without_writing(node, sd15, folders):
     assert not list(folders["loras"].glob("interrupted*"))
 
 
+def test_a_failed_save_leaves_no_file(pack, node, sd15, folders, monkeypatch):
+    """The LoRA is written under a hidden name and renamed: a write that fails half-way (disk full,
+    killed) leaves neither a truncated LoRA nor the partial file behind."""
+    module = pack.nodes.add_distill
+
+    def half_write(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "save_file", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        _run(node, sd15, "disk-full", steps=1)
+    assert sorted(p.name for p in folders["loras"].iterdir() if "disk-full" in p.name) == []
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -348,7 +364,7 @@ def test_interrupt_stops_training_without_writing(node, sd15, folders):
         ({"save_name": "sub/dir"}, "save_name: 'sub/dir' is not a plain file name"),
         ({"save_name": ".hidden"}, "save_name: '.hidden' is not a plain file name"),
         ({"student_timesteps": "1000"}, "student_timesteps:"),
-        ({"batch_size": 0}, "settings: batch_size must be at least 1"),
+        ({"batch_size": 0}, "batch_size: 0 is outside the allowed range 1 to 256"),
     ],
     ids=["empty", "small", "prompts", "folder", "dot", "timesteps", "batch"],
 )

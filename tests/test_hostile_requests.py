@@ -13,6 +13,7 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from reliability import record, rss_mib
 
 from turbostream.live_client import CAPTURED_HEADER, TOKEN_HEADER
 
@@ -47,13 +48,6 @@ bodies = st.one_of(
 )
 
 
-def _rss_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _post(host, path: str, data: bytes, headers: dict) -> tuple[int, str]:
     import asyncio
 
@@ -68,7 +62,7 @@ def _post(host, path: str, data: bytes, headers: dict) -> tuple[int, str]:
 
 def test_live_routes_survive_fuzzing(host):
     """Random ids, verbs, bodies, content types and huge headers: every answer is a 4xx."""
-    log_start, rss_start = len(host.log_text()), _rss_mib(host.process.pid)
+    log_start, rss_start = len(host.log_text()), rss_mib(host.process.pid)
     counts = {"garbage": 0, "headers": 0}
 
     @FUZZ
@@ -101,5 +95,9 @@ def test_live_routes_survive_fuzzing(host):
     others = [b for b in blocks[1:] if "aiohttp.http_exceptions.LineTooLong" not in b]
     assert not others and "Traceback" not in blocks[0], "".join(others or blocks[:1])[-3000:]
     assert parser_errors <= counts["headers"]
-    grew = _rss_mib(host.process.pid) - rss_start
+    grew = rss_mib(host.process.pid) - rss_start
     assert grew < 256, f"host resident memory grew by {grew:.0f} MiB during fuzzing"
+    record(
+        "fuzz", case="live routes", random_requests=counts["garbage"], huge_header_requests=counts["headers"],
+        rss_growth_mib=round(grew, 1),
+    )  # fmt: skip

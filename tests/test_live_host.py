@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import io
-import time
 
 import aiohttp
 import pytest
-from conftest import REPO_ROOT, load_json, queue
+from conftest import REPO_ROOT, history, load_json, queue
 from PIL import Image
 
 from turbostream.live_client import TOKEN_HEADER, LiveClient, LiveClientError
@@ -29,17 +28,6 @@ def live_workflow(stream_id: str, size: int = SIZE, **output) -> dict:
     wf["6"]["inputs"].update(stream_id=stream_id, width=size, height=size)
     wf["8"]["inputs"].update(output)
     return wf
-
-
-def history(host, prompt_id: str, timeout: float = 30) -> dict:
-    """The prompt's history entry (written just after the host sends execution_success)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entry = host.get_json(f"/history/{prompt_id}").get(prompt_id)
-        if entry is not None or time.monotonic() > deadline:
-            assert entry is not None, f"no history for {prompt_id}"
-            return entry
-        time.sleep(0.05)
 
 
 def run(coro):

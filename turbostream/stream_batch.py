@@ -21,16 +21,25 @@ Upstream bugs not copied: warm-up "brown" frames (we drain), slicing by 1 instea
 by ``f`` everywhere, stock noise included), ``initialize`` only right for ``f = 1`` (we evaluate the
 unconditional prediction for all ``f`` newest slots), prompt changes resetting the stream (the
 conditioning is a per-call argument and never touches the buffers).
+
+Out of memory in a denoiser call: the slots are evaluated again in sub-batches of half the size
+(``turbostream.oom``; the same per-slot math), down to one slot, then a clear error. Run a frame
+inside :func:`transaction` and a failed frame leaves the stream as it was.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .oom import OomPolicy, run_in_chunks
+
+logger = logging.getLogger("turbostream")
 
 LCM_ORIGINAL_STEPS = 50
 """LCM's original schedule: ``timesteps[i] = 999 - 20 * i`` for i = 0..49 (spec §3)."""
@@ -235,6 +244,12 @@ class StreamEngine:
     evaluations: int = 0
     last_first_x0: torch.Tensor | None = None
     """x0 of the newest group in the last call (a one-step estimate; shown while a live stream warms up)."""
+    oom: OomPolicy = field(default_factory=OomPolicy)
+    """Out-of-memory in a denoiser call: evaluate the slots in smaller sub-batches (``turbostream.oom``)."""
+    label: str = "stream engine"
+    """Names the stream in messages (the node sets it)."""
+    max_eval_batch: int | None = None
+    """Slots per denoiser call after an out-of-memory (None: all slots in one call)."""
     buffer: torch.Tensor = field(init=False)
     stock_noise: torch.Tensor = field(init=False)
     generator: torch.Generator = field(init=False)
@@ -274,8 +289,23 @@ class StreamEngine:
         return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
 
     def _eval(self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        self.evaluations += x.shape[0]
-        return denoise(x, t, cond)
+        """``denoise`` over all slots of ``x``: in one call, or in sub-batches after an out-of-memory
+        (the same per-slot math; the sub-batch size found is kept for the rest of the stream)."""
+        total = x.shape[0]
+        self.evaluations += total
+        parts: list[torch.Tensor] = []
+
+        def run(start: int, stop: int) -> None:
+            parts.append(denoise(x[start:stop], t[start:stop], cond))
+
+        limit = min(total, self.max_eval_batch or total)
+        used = run_in_chunks(
+            run, total, limit, f"{self.label}: denoising {total} stream slot(s)", self.oom, unit="slot"
+        )
+        if used < limit:
+            logger.warning("%s: evaluating the stream in sub-batches of %d slots from now on", self.label, used)
+            self.max_eval_batch = used
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def step(self, first: torch.Tensor, denoise: Denoiser, cond: Any, uncond: Any = None) -> torch.Tensor:
         """One call: ``first`` is the new group already at the first timestep, ``(f, C, H, W)``.
