@@ -160,12 +160,22 @@ def write_report(path: Path, records: dict[str, list[dict]], junit: dict[str, Co
     if bad:
         outcomes = Counter(r.get("outcome", "?") for r in bad)
         nodes = Counter(r.get("node", "?") for r in bad)
+        accepted = [r["case"] for r in bad if r.get("outcome") == "success"]
+        meaning = {"400": "refused at /prompt (400, node_errors)", "error": "execution_error from the node"}
         lines += [
             "## Bad input sweep (`/prompt`)",
             "",
-            f"{len(bad)} bad values sent; outcomes: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
-            + ". Each answer named the node and the input, and a good prompt ran afterwards.",
+            f"{len(bad)} bad values sent: "
+            + ", ".join(f"{v} {meaning.get(k, k)}" for k, v in sorted(outcomes.items()) if k != "success")
+            + ". Each refusal named the node and the input, and a known-good prompt ran after every case "
+            "that reached execution.",
+        ]
+        if accepted:
+            lines.append(
+                f"{len(accepted)} odd-looking names were accepted because they are legal and stay inside the "
+                f"output folder (the test checks where the files went): {', '.join(accepted)}."
+            )
+        lines += [
             "",
             *_table([{"node": n, "cases": c} for n, c in sorted(nodes.items())], ["node", "cases"]),
             "",
