@@ -548,9 +548,9 @@ def write_report(path: Path, results: list[dict], notes: dict, grid_name: str, q
         f"distillation weight c(t) = alpha_t, teacher t uniform in 1..999; samples from an EMA ({notes['ema']}) "
         "of the student's weights. Distillation-only = the same run with adversarial weight 0.",
         "- Discriminator: the built-in tiny ViT (4 blocks, 64 wide, 4-px patches), pretrained here to regress the "
-        f"shape's position and size (held-out R^2 {notes['vit_r2']:.2f}), frozen; one spectrally normalised head "
-        "on each block, conditioned on the one-hot class by projection. The metric classifier was trained "
-        "separately on other labels (shape x colour).",
+        f"shape's position and size (held-out R^2 {notes['vit_r2']:.2f}), frozen; one StyleGAN-T head "
+        "(spectrally normalised convs, local batch norm) on each block, conditioned on the one-hot class by "
+        "projection. The metric classifier was trained separately on other labels (shape x colour).",
         "- Samplers: teacher DDIM (eta 0) on 50 (linspace 999..0), 4 (999/749/499/249) or 1 (999) steps; "
         "students: x0 at each student timestep, re-noised to the next with fresh noise (the ADD paper's "
         "multi-step sampler); x0 clipped to [-1, 1] everywhere.",

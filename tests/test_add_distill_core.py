@@ -154,6 +154,59 @@ def test_lora_starts_as_the_base_and_matches_the_merged_weight_formula():
     assert sd["lora_unet_temb.lora_down.weight"].shape == (3, 1)
 
 
+# -- the discriminator heads -----------------------------------------------------------------------
+def _rectangles(n: int, g: torch.Generator) -> torch.Tensor:
+    """Sharp random-coloured rectangles on a dark background, ``[n, 3, 32, 32]`` in [-1, 1]."""
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    lo = torch.randint(0, 20, (n, 2, 1, 1), generator=g).float()
+    size = torch.randint(6, 12, (n, 2, 1, 1), generator=g).float()
+    inside = (xs >= lo[:, 0]) & (xs < lo[:, 0] + size[:, 0]) & (ys >= lo[:, 1]) & (ys < lo[:, 1] + size[:, 1])
+    colour = torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
+    return -0.8 + inside[:, None].float() * (colour + 0.8)
+
+
+def _blurred(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    k = (k[:, None] * k[None]) / 256
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k.expand(3, 1, 5, 5).contiguous(), groups=3)
+
+
+def test_batch_norm_local_normalises_each_group_of_samples_over_its_tokens():
+    torch.manual_seed(0)
+    norm = core.BatchNormLocal(4, virtual_batch=8)
+    x = torch.randn(11, 4, 5) * 3 + 2  # groups of 8 and 3
+    y = norm(x)
+    for group in (y[:8], y[8:]):
+        torch.testing.assert_close(group.mean((0, 2)), torch.zeros(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(group.var((0, 2), correction=0), torch.ones(4), atol=1e-3, rtol=0)
+
+
+def test_discriminator_learns_to_tell_sharp_from_blurred_images():
+    """The heads must be able to magnify small feature differences: with spectrally normalised convs and no
+    normalisation between them (the layout before StyleGAN-T's local batch norm was added) this stayed near
+    chance (held-out AUC 0.66, logit gap 0.02 after these 60 steps), and ADD's student got no adversarial signal."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    disc = core.Discriminator(core.tiny_vit(0), [1, 3])
+    opt = torch.optim.Adam(disc.heads.parameters(), lr=4e-4, betas=core.DISCRIMINATOR_BETAS)
+    for _ in range(60):
+        with torch.no_grad():
+            real, fake = disc.features(_rectangles(16, g)), disc.features(_blurred(_rectangles(16, g)))
+        real = [f.requires_grad_(True) for f in real]
+        real_logits, fake_logits = disc.logits(real), disc.logits(fake)
+        loss = core.hinge_d_loss(real_logits, fake_logits) + core.R1_WEIGHT * core.r1_penalty(real_logits, real)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        x = _rectangles(64, torch.Generator().manual_seed(1))
+        d_real = torch.stack([lg.mean(1) for lg in disc.logits(disc.features(x))]).mean(0)
+        d_fake = torch.stack([lg.mean(1) for lg in disc.logits(disc.features(_blurred(x)))]).mean(0)
+    auc = (d_real[:, None] > d_fake[None, :]).float().mean()
+    assert auc > 0.95, auc
+    assert d_real.mean() - d_fake.mean() > 0.1
+
+
 # -- the ViT feature network -----------------------------------------------------------------------
 def test_default_layers():
     assert core.default_layers(12) == [2, 5, 8, 11]

@@ -22,7 +22,8 @@ One training iteration (``ADDTrainer.train_step``, spec §2; paper §3):
 4. Student update: ``L_G = adversarial_weight * L_adv + distill_weight * L_distill`` with the hinge
    generator loss ``L_adv = -sum_k mean D_k(F_k(decode(x_theta)))``; distill_weight (lambda) 2.5.
 5. Discriminator update: ``L_D = sum_k [mean relu(1 - D_k(real)) + mean relu(1 + D_k(fake))]
-   + r1_weight * R1``. ``D_k`` is a trainable head on layer k of a frozen feature network ``F``
+   + r1_weight * R1``. ``D_k`` is a trainable head (StyleGAN-T's: spectrally normalised 1-D convs over
+   the tokens, each followed by a local batch norm) on layer k of a frozen feature network ``F``
    (a ViT: DINOv2 when its weights are supplied, a tiny built-in one for tests), optionally
    conditioned on a text embedding by projection. R1 is taken on the *head inputs* (the real
    features), as the paper does, so the frozen network needs no double backward:
@@ -68,6 +69,8 @@ HEAD_KERNEL = 9
 CMAP_DIM = 64
 """Width of the projection that conditions a head on the text embedding."""
 LEAKY_SLOPE = 0.2
+BN_VIRTUAL_BATCH = 8
+"""Samples per group of the heads' ``BatchNormLocal`` (StyleGAN-T's virtual batch size)."""
 STUDENT_BETAS = (0.9, 0.999)
 """Adam betas of the student (the usual fine-tuning choice)."""
 DISCRIMINATOR_BETAS = (0.0, 0.99)
@@ -532,26 +535,53 @@ class FeatureNetwork(Protocol):
     def forward_features(self, images: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]: ...
 
 
-class DiscriminatorHead(nn.Module):
-    """Trainable head on one feature layer: tokens ``[B, N, C]`` -> logits ``[B, N]``.
+class BatchNormLocal(nn.Module):
+    """StyleGAN-T's "local" batch norm of the heads: per channel, over groups of ``virtual_batch`` samples
+    and all their tokens (batch statistics always, no running averages), then a learned scale and shift.
 
-    A 1x1 conv, a residual ``HEAD_KERNEL`` conv over the token sequence (LeakyReLU 0.2), then
-    either a 1x1 conv to one logit per token or, conditioned, the projection
-    ``logit_n = <h_n, W c> / sqrt(CMAP_DIM)`` with the condition ``c [B, cond_dim]``. The convs are
-    spectrally normalised (one power iteration per call in training mode), as in StyleGAN-T's heads.
+    Without it a spectrally normalised head is close to 1-Lipschitz in its input tokens and cannot
+    magnify the small part of the frozen features in which real and generated images differ (in the
+    toy, real vs blurred tokens differ by ~6 % of their norm): the hinge loss then stays near chance.
+    """
+
+    def __init__(self, channels: int, virtual_batch: int = BN_VIRTUAL_BATCH, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.virtual_batch, self.eps = virtual_batch, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for group in x.split(self.virtual_batch):  # [G, C, N]; the last group may be smaller
+            var, mean = torch.var_mean(group.float(), dim=(0, 2), keepdim=True, correction=0)
+            out.append(((group.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype))
+        return torch.cat(out) * self.weight[:, None].to(x.dtype) + self.bias[:, None].to(x.dtype)
+
+
+class DiscriminatorHead(nn.Module):
+    """Trainable head on one feature layer: tokens ``[B, N, C]`` -> logits ``[B, N]`` (StyleGAN-T's head).
+
+    A 1x1 conv, a residual ``HEAD_KERNEL`` conv over the token sequence (each conv followed by
+    ``BatchNormLocal`` and LeakyReLU 0.2, the residual sum scaled by 1/sqrt 2), then either a 1x1
+    conv to one logit per token or, conditioned, the projection ``logit_n = <h_n, W c> / sqrt(CMAP_DIM)``
+    with the condition ``c [B, cond_dim]``. The convs are spectrally normalised (one power iteration
+    per call in training mode). Batch statistics couple the samples of a call: the trainer calls the
+    heads on real and on generated batches separately, as StyleGAN-T does.
     """
 
     def __init__(self, channels: int, cond_dim: int | None = None, hidden: int = HEAD_CHANNELS) -> None:
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
         self.inp = sn(nn.Conv1d(channels, hidden, 1))
+        self.inp_norm = BatchNormLocal(hidden)
         self.res = sn(nn.Conv1d(hidden, hidden, HEAD_KERNEL, padding=HEAD_KERNEL // 2))
+        self.res_norm = BatchNormLocal(hidden)
         self.out = sn(nn.Conv1d(hidden, CMAP_DIM if cond_dim else 1, 1))
         self.cond = nn.Linear(cond_dim, CMAP_DIM) if cond_dim else None
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = F.leaky_relu(self.inp(tokens.transpose(1, 2)), LEAKY_SLOPE)
-        h = h + F.leaky_relu(self.res(h), LEAKY_SLOPE)
+        h = F.leaky_relu(self.inp_norm(self.inp(tokens.transpose(1, 2))), LEAKY_SLOPE)
+        h = (h + F.leaky_relu(self.res_norm(self.res(h)), LEAKY_SLOPE)) / math.sqrt(2)
         h = self.out(h)
         if self.cond is None:
             return h[:, 0]
