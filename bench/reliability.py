@@ -90,6 +90,12 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def _bullet(r: dict, keys: list[str] | None = None, skip: tuple[str, ...] = ()) -> str:
+    """``- **case**: key value; ...`` for one record (``keys`` in that order, else the record's own)."""
+    keys = [k for k in (keys or list(r)) if k in r and k not in ("case", "time", *skip)]
+    return f"- **{r['case']}**: " + "; ".join(f"{k} {_cell(r[k])}" for k in keys)
+
+
 def _table(rows: list[dict], columns: list[str]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
@@ -132,16 +138,13 @@ def write_report(path: Path, records: dict[str, list[dict]], junit: dict[str, Co
     if faults:
         lines += ["## Memory faults (out of memory injected, `/free` during a live stream)", ""]
         keys = sorted({k for r in faults for k in r} - {"case", "time"})
-        for r in faults:
-            facts = "; ".join(f"{k} {_cell(r[k])}" for k in keys if k in r)
-            lines.append(f"- **{r['case']}**: {facts}")
+        lines += [_bullet(r, keys) for r in faults]
         lines.append("")
     soak = records.get("soak", [])
     if soak:
         lines += ["## Soak", ""]
         for r in soak:
-            facts = "; ".join(f"{k} {_cell(v)}" for k, v in r.items() if k not in ("case", "time", "rss_series"))
-            lines.append(f"- **{r['case']}**: {facts}")
+            lines.append(_bullet(r, skip=("rss_series",)))
             if "rss_series" in r:
                 series = ", ".join(f"{i}: {m}" for i, m in r["rss_series"])
                 lines.append(f"  - host resident memory (MiB) by frame: {series}")
@@ -151,10 +154,7 @@ def write_report(path: Path, records: dict[str, list[dict]], junit: dict[str, Co
     concurrency = records.get("concurrency", [])
     if concurrency:
         lines += ["## Concurrency", ""]
-        for r in concurrency:
-            lines.append(
-                f"- **{r['case']}**: " + "; ".join(f"{k} {_cell(v)}" for k, v in r.items() if k not in ("case", "time"))
-            )
+        lines += [_bullet(r) for r in concurrency]
         lines.append("")
     bad = records.get("bad_inputs", [])
     if bad:
@@ -183,10 +183,7 @@ def write_report(path: Path, records: dict[str, list[dict]], junit: dict[str, Co
     fuzz = records.get("fuzz", [])
     if fuzz:
         lines += ["## Hostile requests (hypothesis fuzzing of the pack's routes)", ""]
-        for r in fuzz:
-            lines.append(
-                f"- **{r['case']}**: " + "; ".join(f"{k} {_cell(v)}" for k, v in r.items() if k not in ("case", "time"))
-            )
+        lines += [_bullet(r) for r in fuzz]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 

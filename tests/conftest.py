@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -92,6 +93,40 @@ def object_info(host) -> dict:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+API_WORKFLOWS = REPO_ROOT / "workflows" / "api"
+
+
+def live_workflow(stream_id: str, size: int = 64, **output) -> dict:
+    """The bundled live workflow on ``stream_id`` at ``size``x``size``; ``output`` sets LiveOutput inputs."""
+    wf = load_json(API_WORKFLOWS / "live_webcam_img2img.json")
+    wf["6"]["inputs"].update(stream_id=stream_id, width=size, height=size)
+    wf["8"]["inputs"].update(output)
+    return wf
+
+
+def tiny_txt2img(seed: int, filename_prefix: str) -> dict:
+    """A small ADD-sampler txt2img (64x64, 2 steps) on the tiny SD1.5; sampler node "5", saver "7"."""
+    wf = load_json(API_WORKFLOWS / "sd_turbo_txt2img.json")
+    wf["1"]["inputs"]["ckpt_name"] = "v1-5-pruned-emaonly-fp16.safetensors"
+    wf["4"]["inputs"].update(width=64, height=64, batch_size=1)
+    wf["5"]["inputs"].update(seed=seed, steps=2)
+    wf["7"]["inputs"]["filename_prefix"] = filename_prefix
+    return wf
+
+
+def textured_png(seed: int, size: int, grid: int, mode: str) -> bytes:
+    """A seeded ``grid``x``grid`` colour field upsampled (``mode``) to ``size``: a frame the tiny model's
+    output depends on (its output barely depends on a flat colour)."""
+    import torch
+    from PIL import Image
+
+    coarse = torch.rand(3, grid, grid, generator=torch.Generator().manual_seed(seed))
+    img = torch.nn.functional.interpolate(coarse[None], size=(size, size), mode=mode)[0].clamp(0, 1)
+    buf = io.BytesIO()
+    Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def history(server: HeadlessHost, prompt_id: str, timeout: float = 30) -> dict:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import io
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, history, load_json
+from conftest import REPO_ROOT, history, live_workflow, load_json, textured_png, tiny_txt2img
 from PIL import Image
 from reliability import record
 
@@ -100,13 +99,8 @@ def folder_snapshot(host) -> set[str]:
 
 
 def reference_txt2img(seed: int) -> dict:
-    """A small ADD-sampler txt2img on the tiny SD1.5 (the 'next prompt' after each interrupt)."""
-    wf = copy.deepcopy(load_json(API / "sd_turbo_txt2img.json"))
-    wf["1"]["inputs"]["ckpt_name"] = "v1-5-pruned-emaonly-fp16.safetensors"
-    wf["4"]["inputs"].update(width=64, height=64, batch_size=1)
-    wf["5"]["inputs"].update(seed=seed, steps=2)
-    wf["7"]["inputs"]["filename_prefix"] = f"interrupts/ref_{seed}"
-    return wf
+    """The 'next prompt' after each interrupt."""
+    return tiny_txt2img(seed, f"interrupts/ref_{seed}")
 
 
 @pytest.fixture(scope="module")
@@ -204,22 +198,8 @@ def test_interrupt_during_a_video_stream(host, reference):
 
 
 # -- live stream: intact or restarted, never half-updated ---------------------------------------------
-def textured(seed: int, size: int = LIVE_SIZE) -> bytes:
-    """A distinct, structured frame (the tiny model's output barely depends on a flat colour)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(3, 8, 8, generator=g)
-    img = torch.nn.functional.interpolate(coarse[None], size=(size, size), mode="bicubic")[0].clamp(0, 1)
-    buf = io.BytesIO()
-    Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def live_workflow(stream_id: str) -> dict:
-    wf = copy.deepcopy(load_json(API / "live_webcam_img2img.json"))
-    wf["6"]["inputs"].update(stream_id=stream_id, width=LIVE_SIZE, height=LIVE_SIZE)
-    return wf
+def textured(seed: int) -> bytes:
+    return textured_png(seed, LIVE_SIZE, grid=8, mode="bicubic")
 
 
 async def _live_run(cl: LiveClient, stream_id: str, plan: list[tuple[int, float | None]]) -> list[tuple]:
@@ -230,7 +210,7 @@ async def _live_run(cl: LiveClient, stream_id: str, plan: list[tuple[int, float 
     out = []
     for seed, delay in plan:
         await cl.send_frame(textured(seed), content_type="image/png")
-        prompt_id = await cl.queue(live_workflow(stream_id))
+        prompt_id = await cl.queue(live_workflow(stream_id, LIVE_SIZE))
         if delay is not None:
             await cl.wait_for_node(prompt_id, "7", timeout=120)
             await asyncio.sleep(delay)

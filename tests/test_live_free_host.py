@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import gc
 import io
 import time
@@ -11,13 +10,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, load_json
+from conftest import live_workflow
 from PIL import Image
 from reliability import record
 
 from turbostream.live_client import LiveClient
 
-LIVE_WORKFLOW = REPO_ROOT / "workflows" / "api" / "live_webcam_img2img.json"
 SIZE = 64
 FRAMES = 6
 FREE_AFTER = 2
@@ -35,13 +33,6 @@ def textured_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def live_workflow(stream_id: str, prefix: str) -> dict:
-    wf = copy.deepcopy(load_json(LIVE_WORKFLOW))
-    wf["6"]["inputs"].update(stream_id=stream_id, width=SIZE, height=SIZE)
-    wf["8"]["inputs"].update(save_every=1, filename_prefix=prefix)  # lossless copies of every output frame
-    return wf
-
-
 def stream(host, stream_id: str, seeds: list[int], free: dict | None = None) -> tuple[np.ndarray, int, list[float]]:
     """Feed one frame per prompt; with ``free``, POST /free while frame FREE_AFTER runs.
     Returns the saved output frames (0..1), how many frames were pushed, and seconds per frame."""
@@ -54,7 +45,9 @@ def stream(host, stream_id: str, seeds: list[int], free: dict | None = None) -> 
             for k, seed in enumerate(seeds):
                 started = time.monotonic()
                 await cl.send_frame(textured_png(seed), content_type="image/png")
-                prompt_id = await cl.queue(live_workflow(stream_id, prefix))
+                prompt_id = await cl.queue(
+                    live_workflow(stream_id, SIZE, save_every=1, filename_prefix=prefix)
+                )  # lossless frames
                 if free is not None and k == FREE_AFTER:
                     async with cl.session.post(f"{host.url}/free", json=free) as resp:
                         assert resp.status == 200

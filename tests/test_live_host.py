@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
 
 import aiohttp
 import pytest
-from conftest import REPO_ROOT, history, load_json, queue
+from conftest import history, live_workflow, queue
 from PIL import Image
 
 from turbostream.live_client import TOKEN_HEADER, LiveClient, LiveClientError
 
-LIVE_WORKFLOW = REPO_ROOT / "workflows" / "api" / "live_webcam_img2img.json"
 SIZE = 64
 
 
@@ -21,13 +19,6 @@ def jpeg(color=(200, 40, 40), size=(SIZE, SIZE), fmt="JPEG") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
     return buf.getvalue()
-
-
-def live_workflow(stream_id: str, size: int = SIZE, **output) -> dict:
-    wf = copy.deepcopy(load_json(LIVE_WORKFLOW))
-    wf["6"]["inputs"].update(stream_id=stream_id, width=size, height=size)
-    wf["8"]["inputs"].update(output)
-    return wf
 
 
 def run(coro):

@@ -4,19 +4,16 @@ queued beside them, and (``-m soak``, run by ``make reliability``) 1,000 frames 
 from __future__ import annotations
 
 import asyncio
-import copy
-import io
 import json
 import time
 
 import pytest
-from conftest import LIVE_MAX_SOURCES, REPO_ROOT, STREAM_IDLE_S, history, load_json
+from conftest import LIVE_MAX_SOURCES, STREAM_IDLE_S, history, live_workflow, textured_png, tiny_txt2img
 from PIL import Image
 from reliability import record, rss_mib, slope_per_1000
 
 from turbostream.live_client import LiveClient
 
-API = REPO_ROOT / "workflows" / "api"
 SIZE = 64
 
 
@@ -24,31 +21,12 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def frame(seed: int, size: int = SIZE) -> bytes:
-    """A small textured PNG, different per seed."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(3, 4, 4, generator=g)
-    img = torch.nn.functional.interpolate(coarse[None], size=(size, size), mode="bilinear")[0].clamp(0, 1)
-    buf = io.BytesIO()
-    Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def live_workflow(stream_id: str) -> dict:
-    wf = copy.deepcopy(load_json(API / "live_webcam_img2img.json"))
-    wf["6"]["inputs"].update(stream_id=stream_id, width=SIZE, height=SIZE)
-    return wf
+def frame(seed: int) -> bytes:
+    return textured_png(seed, SIZE, grid=4, mode="bilinear")
 
 
 def api_txt2img(seed: int) -> dict:
-    wf = copy.deepcopy(load_json(API / "sd_turbo_txt2img.json"))
-    wf["1"]["inputs"]["ckpt_name"] = "v1-5-pruned-emaonly-fp16.safetensors"
-    wf["4"]["inputs"].update(width=64, height=64, batch_size=1)
-    wf["5"]["inputs"].update(seed=seed, steps=2)
-    wf["7"]["inputs"]["filename_prefix"] = f"load/api_{seed}"
-    return wf
+    return tiny_txt2img(seed, f"load/api_{seed}")
 
 
 async def stream(cl: LiveClient, stream_id: str, frames: int, in_flight: int, on_frame=None) -> dict:
@@ -67,7 +45,7 @@ async def stream(cl: LiveClient, stream_id: str, frames: int, in_flight: int, on
 
     for i in range(frames):
         await cl.send_frame(frame(i), content_type="image/png")
-        pending.append(await cl.queue(live_workflow(stream_id)))
+        pending.append(await cl.queue(live_workflow(stream_id, SIZE)))
         if len(pending) >= in_flight:
             await settle(pending.pop(0))
         while not cl.frames.empty():
@@ -154,7 +132,7 @@ def test_abandoned_streams_are_evicted_after_the_idle_timeout(host):
                 await cl.send_frame(frame(group), content_type="image/png")
             if group == 0:  # engines in the stream registry too
                 for cl, stream_id in zip(clients, ids[:10], strict=True):
-                    assert await cl.wait(await cl.queue(live_workflow(stream_id)), 300) == "execution_success"
+                    assert await cl.wait(await cl.queue(live_workflow(stream_id, SIZE)), 300) == "execution_success"
             for cl in clients:  # gone without a close: the websocket just drops
                 await cl.__aexit__(None, None, None)
 
