@@ -25,7 +25,7 @@ reliability: setup
 	$(VENV_PY) bench/reliability.py
 
 add-toy: setup
-	OMP_NUM_THREADS=1 $(VENV_PY) bench/add_toy.py
+	OMP_NUM_THREADS=2 $(VENV_PY) bench/add_toy.py --threads 2
 
 lint: setup
 	$(VENV_PY) -m ruff check .

@@ -1,10 +1,10 @@
 """Toy ADD reproduction: does adversarial diffusion distillation beat the teacher at 1 and 4 steps?
 
-    .venv/bin/python bench/add_toy.py            # the documented run (one CPU thread), writes docs/add_toy.md
+    .venv/bin/python bench/add_toy.py            # the documented run (two CPU threads, ~35 min), writes docs/add_toy.md
     .venv/bin/python bench/add_toy.py --quick    # a tiny smoke version (well under a minute)
     python bench/add_toy.py --preset gpu --device cuda --name add_toy_gpu   # wider teacher, longer student run, ~4 min on an H200
 
-Everything is made here with the project's own code, on one CPU thread, seeded:
+Everything is made here with the project's own code, on the CPU (``--threads``, default 2), seeded:
 
 1. **Data**: procedurally generated 32x32 images, one anti-aliased shape (circle, square, triangle)
    in one of 4 colours at a random position and size on a dark background; the 12 shape x colour
@@ -85,9 +85,9 @@ class Settings:
 FULL = Settings(
     classifier_steps=300,
     vit_steps=300,
-    teacher_steps=2500,
+    teacher_steps=6000,
     teacher_width=32,
-    distill_steps=600,
+    distill_steps=1600,
     eval_samples=1000,
     batch=32,
 )
@@ -567,6 +567,11 @@ def write_report(path: Path, results: list[dict], notes: dict, grid_name: str, q
         "cached teacher), not blind: with an unconditional epsilon-prediction toy, or student learning rates of "
         "5e-5 and more, the adversarial student collapsed (one colour, or noise), and distillation-only drifted to "
         "empty images. "
+        "The teacher's 6,000 steps and the students' 1,600 were chosen after seeing results too: with a "
+        "2,500-step teacher (lumpy shapes, 50-step label accuracy 50%) and 600 student steps the 1-step ADD "
+        "student was only 1.28x better than the teacher's 1 step by FD and drew the requested class less often "
+        "(27% vs 34%); a trial with a 6,000-step teacher evaluated its ADD student every 400 steps: 1-step FD "
+        "36.0, 38.3, 29.7, 21.7 (teacher 1 step 47.3), so GAN training is noisy from one checkpoint to the next. "
         f"The ADD paper trains 4,000 steps of batch 128; this run gets {notes['distill_steps']:,} of batch "
         f"{notes['distill_batch']}.",
     ]
@@ -582,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device for every network (default cpu)")
     parser.add_argument("--out", type=Path, default=BENCH.parent / "docs", help="folder for add_toy.md and the grid")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--name", default="add_toy", help="report files: NAME.md, NAME.json, NAME_samples.png")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
