@@ -1,6 +1,6 @@
 """Toy ADD reproduction: does adversarial diffusion distillation beat the teacher at 1 and 4 steps?
 
-    .venv/bin/python bench/add_toy.py            # the documented run (two CPU threads, ~35 min), writes docs/add_toy.md
+    .venv/bin/python bench/add_toy.py            # the documented run (two CPU threads, ~30 min), writes docs/add_toy.md
     .venv/bin/python bench/add_toy.py --quick    # a tiny smoke version (well under a minute)
     python bench/add_toy.py --preset gpu --device cuda --name add_toy_gpu   # wider teacher, longer student run, ~4 min on an H200
 

@@ -552,9 +552,9 @@ class BatchNormLocal(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = []
-        for group in x.split(self.virtual_batch):  # [G, C, N]; the last group may be smaller
-            var, mean = torch.var_mean(group.float(), dim=(0, 2), keepdim=True, correction=0)
-            out.append(((group.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype))
+        for group in x.float().split(self.virtual_batch):  # [G, C, N]; the last group may be smaller
+            var, mean = torch.var_mean(group, dim=(0, 2), keepdim=True, correction=0)
+            out.append(((group - mean) * torch.rsqrt(var + self.eps)).to(x.dtype))
         return torch.cat(out) * self.weight[:, None].to(x.dtype) + self.bias[:, None].to(x.dtype)
 
 
