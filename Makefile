@@ -1,9 +1,12 @@
 # TurboStream developer commands. `make demo` and `make test` set everything up on first use.
+# The host: the bundled ComfyUI 0.3.75 by default; COMFYUI_DIR=<checkout> or
+# COMFYUI_ARCHIVE=<source archive> for another (each host gets its own virtual environment).
 BOOTSTRAP_PY ?= $(shell command -v python3.11 || command -v python3)
-VENV_PY := .venv/bin/python
+VENV_PY = "$$($(BOOTSTRAP_PY) -m turbostream venv-python)"
+CURRENT_HOST_ARCHIVE ?= ../shared/hosts/comfyui-0.33.0.tar.gz
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit bench add-toy reliability lint format serve clean
+.PHONY: setup demo test test-unit test-current demo-current bench add-toy reliability lint format serve clean
 
 setup:
 	$(BOOTSTRAP_PY) -m turbostream setup
@@ -14,6 +17,13 @@ demo: setup
 test:
 	$(BOOTSTRAP_PY) -m turbostream setup --browser
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+# The same two commands on the current ComfyUI line (the source archive beside the repository).
+test-current:
+	COMFYUI_ARCHIVE=$(CURRENT_HOST_ARCHIVE) $(MAKE) test
+
+demo-current:
+	COMFYUI_ARCHIVE=$(CURRENT_HOST_ARCHIVE) $(MAKE) demo
 
 test-unit: setup
 	$(VENV_PY) -m pytest -m "not host" $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import comfy.k_diffusion.sampling
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
@@ -59,18 +60,36 @@ def _check_model_sampling(node: str, sampling) -> None:
         )
 
 
-def sample_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """KSAMPLER function: Euler ancestral (eta 1) from the core."""
+def _host_noise_sampler(x, extra_args, noise_sampler):
+    """The step noise the host's own samplers draw (``default_noise_sampler`` from the prompt's seed),
+    whatever seeding that host version uses, unless SamplerCustom passed a noise sampler."""
+    if noise_sampler is not None:
+        return noise_sampler
+    return comfy.k_diffusion.sampling.default_noise_sampler(x, seed=(extra_args or {}).get("seed"))
+
+
+def sample_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """KSAMPLER function: Euler ancestral (eta 1) from the core, with the host's step noise."""
     _check_model_sampling("TurboStreamADDSampler", _model_sampling(model))
-    return core.sample(model, x, sigmas, "ancestral", extra_args=extra_args, callback=callback)
+    noise_sampler = _host_noise_sampler(x, extra_args, noise_sampler)
+    return core.sample(
+        model, x, sigmas, "ancestral", extra_args=extra_args, callback=callback, noise_sampler=noise_sampler
+    )
 
 
-def sample_renoise(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """KSAMPLER function: predict x0, then forward-noise it to the next sigma with fresh noise."""
+def sample_renoise(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
+    """KSAMPLER function: predict x0, then forward-noise it to the next sigma with the host's step noise."""
     sampling = _model_sampling(model)
     _check_model_sampling("TurboStreamRenoiseSampler", sampling)  # ADD Sampler checks before sampling
     return core.sample(
-        model, x, sigmas, "renoise", extra_args=extra_args, callback=callback, noise_scaling=sampling.noise_scaling
+        model,
+        x,
+        sigmas,
+        "renoise",
+        extra_args=extra_args,
+        callback=callback,
+        noise_sampler=_host_noise_sampler(x, extra_args, noise_sampler),
+        noise_scaling=sampling.noise_scaling,
     )
 
 

@@ -24,6 +24,10 @@ logger = logging.getLogger("turbostream")
 NODE = "TurboStreamLCMLoRAFuse"
 SAMPLING = ("lcm", "keep")
 
+_string_to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
+"""The host's per-key rounding seed: ``comfy.utils`` on newer hosts (the old ``comfy.model_patcher``
+name warns there on every call), ``comfy.model_patcher`` on 0.3.75."""
+
 
 def _read_lora(lora_name: str) -> tuple[str, dict[str, torch.Tensor]]:
     """``(path, state dict)`` of a file in the ``loras`` folder, through the host's loader and converter."""
@@ -142,7 +146,7 @@ def _fuse(clone, source, keys: list[str]) -> core.FusedWeights:
             # 1. the same steps as ModelPatcher.patch_weight_to_device, done once instead of at every load
             work = comfy.model_management.cast_to_device(weight, device, torch.float32, copy=True)
             out = comfy.lora.calculate_weight(clone.patches[key], work, key)
-            out = comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.model_patcher.string_to_seed(key))
+            out = comfy.float.stochastic_rounding(out, weight.dtype, seed=_string_to_seed(key))
             # 2. at rest next to the other weights; the host moves it with its module on load
             fused[key] = torch.nn.Parameter(out.to(clone.offload_device), requires_grad=False)
     return fused

@@ -134,7 +134,9 @@ def test_trailing_ancestral_reproduces_diffusers_euler_ancestral():
     x = x_init * sched.init_noise_sigma  # the same start for both (diffusers scales by its init_noise_sigma)
     gen = torch.Generator().manual_seed(seed)
     for i in range(steps):
-        x = core.sample(denoiser, x, sigmas[i : i + 2], "ancestral", noise=lambda: torch.randn(shape, generator=gen))
+        x = core.sample(
+            denoiser, x, sigmas[i : i + 2], "ancestral", noise_sampler=lambda s, sn: torch.randn(shape, generator=gen)
+        )
         trajectory.append(x)
     for ours, ref in zip(trajectory, ref_trajectory, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
@@ -156,7 +158,7 @@ def test_renoise_steps_are_exactly_vp_forward_noising():
         return x0
 
     draws = iter(noises)
-    out = core.sample(denoiser, torch.zeros_like(x0), sigmas, "renoise", noise=lambda: next(draws))
+    out = core.sample(denoiser, torch.zeros_like(x0), sigmas, "renoise", noise_sampler=lambda s, sn: next(draws))
     assert torch.equal(out, x0), "the last step ends at x0 with no noise"
     for i, x in enumerate(seen[1:]):  # the input of step i+1 is the output of step i
         alpha, beta = core.vp_coefficients(sigmas[i + 1])
@@ -165,10 +167,10 @@ def test_renoise_steps_are_exactly_vp_forward_noising():
 
 def test_ancestral_last_step_returns_x0_and_seeded_noise_is_reproducible():
     x = torch.randn(1, 4, 4, 4)
-    assert torch.equal(core.ancestral_step(x, x * 0.5, 1.0, 0.0, noise=lambda: 1 / 0), x * 0.5)
+    assert torch.equal(core.ancestral_step(x, x * 0.5, 1.0, 0.0, noise_sampler=lambda s, sn: 1 / 0), x * 0.5)
     a, b = core.seeded_noise(x, 7), core.seeded_noise(x, 7)
-    first = a()
-    assert torch.equal(first, b()) and not torch.equal(first, a())
+    first = a(1.0, 0.5)
+    assert torch.equal(first, b(1.0, 0.5)) and not torch.equal(first, a(0.5, 0.0))
 
 
 def test_ancestral_sigmas_follow_k_diffusion():

@@ -60,6 +60,10 @@ SD2_LORA = f"{TOKEN}-sd2-shaped-lora.safetensors"  # loras: SD1.5 keys with SD2'
 NOT_A_LORA = f"{TOKEN}-taesd-as-lora.safetensors"  # loras: tiny VAE weights
 BROKEN = f"{TOKEN}-broken.safetensors"  # garbage, in loras, vae, turbostream_features; broken_decoder in vae_approx
 TRUNCATED = f"{TOKEN}-truncated.safetensors"  # half of a real file, in loras and vae_approx (_decoder)
+# single files in vae/: the loader lists only names that say "tiny"/"taesd"/"taef1" (newer hosts refuse an
+# unlisted combo value at /prompt, so these names must be listed for the node itself to run)
+TINY_BROKEN = f"{TOKEN}-tiny-broken.safetensors"  # garbage
+TINY_KL = f"{TOKEN}-tiny-kl.safetensors"  # a full-size KL-VAE key layout under a tiny name
 FEATURES = "turbostream_features"
 SENTINEL = f"{TOKEN}-sentinel"
 """Model files planted outside the model folders (next to them and in the base directory): never read."""
@@ -343,8 +347,9 @@ CASES: list[Case] = [
             ("wrong-family", "vae_name", {"latent_family": "taef1"}, "error", "16"),
             ("corrupt", "vae_name", {"vae_name": f"vae_approx/{TOKEN}-broken"}, "error", "corrupt or truncated"),
             ("truncated", "vae_name", {"vae_name": f"vae_approx/{TOKEN}-truncated"}, "error", "corrupt or truncated"),
-            ("corrupt-single-file", "vae_name", {"vae_name": f"vae/{BROKEN}"}, "error", "corrupt or truncated"),
-            ("full-size-vae", "vae_name", {"vae_name": "vae/sd-vae-random.safetensors"}, "error"),
+            ("corrupt-single-file", "vae_name", {"vae_name": f"vae/{TINY_BROKEN}"}, "error", "corrupt or truncated"),
+            ("full-size-vae", "vae_name", {"vae_name": f"vae/{TINY_KL}"}, "error", "not a TAESD"),
+            ("unlisted-vae", "vae_name", {"vae_name": "vae/sd-vae-random.safetensors"}, "either"),
         ],
     ),
     *_cases(
@@ -572,6 +577,15 @@ def files(host, tiny_models_dir):
         _first_half(approx / "taesd_decoder.safetensors"),
     )
     put(models / "vae" / BROKEN, GARBAGE)
+    put(models / "vae" / TINY_BROKEN, GARBAGE)
+    put(
+        models / "vae" / TINY_KL,
+        {
+            "encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
+            "decoder.conv_in.weight": torch.zeros(8, 4, 3, 3),
+            "quant_conv.weight": torch.zeros(8, 8, 1, 1),
+        },
+    )
 
     loras = tiny_models_dir / "loras"
     put(models / "loras" / BROKEN, GARBAGE)

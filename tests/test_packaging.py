@@ -69,7 +69,9 @@ def test_host_requirements_filter(tmp_path):
     from turbostream import host
 
     (tmp_path / "requirements.txt").write_text("torch\ntorchvision>=0.1\ntorchaudio\nnumpy>=1.25.0\n# c\nav>=14 # x\n")
-    assert host.host_requirements(tmp_path) == ["numpy>=1.25.0", "av>=14"]
+    assert host.host_requirements(tmp_path) == [host.TORCHAUDIO_PIN, "numpy>=1.25.0", "av>=14"]
+    (tmp_path / "requirements.txt").write_text("torch\nnumpy\n")  # 0.3.75 lists no torchaudio: none installed
+    assert host.host_requirements(tmp_path) == ["numpy"]
 
 
 def test_js_extensions_follow_the_house_rules():

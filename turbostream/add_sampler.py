@@ -5,7 +5,7 @@ Pure torch. Sampling happens in the k-diffusion ("variance exploding") space tha
 The VP quantities of the papers follow from sigma: ``alpha_t = 1 / sqrt(1 + sigma^2)``,
 ``beta_t = sigma / sqrt(1 + sigma^2)``, and a VP sample is ``alpha_t * x``.
 
-Schedules (``../shared/streamdiffusion-spec.md`` §2):
+Schedules (the two conventions disagree for 2-4 steps; both are offered and named):
 
 * ``stability``: the SD-Turbo demo / ComfyUI ``SDTurboScheduler`` convention, a 10-point grid
   999, 899, ..., 99; img2img starts at index ``10 - int(10 * denoise)``.
@@ -31,12 +31,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
-"""Training steps of SD1.x / SD2.x / SDXL (spec §1)."""
+"""Training steps of SD1.x / SD2.x / SDXL (Rombach et al. 2022, arXiv 2112.10752)."""
 BETA_START = 0.00085
 BETA_END = 0.012
-"""``scaled_linear`` beta schedule: linear in sqrt(beta) from BETA_START to BETA_END, squared (spec §1)."""
+"""``scaled_linear`` beta schedule: linear in sqrt(beta) from BETA_START to BETA_END, squared (the
+``scaled_linear`` schedule of diffusers' DDPMScheduler and of the SD training configs)."""
 STABILITY_GRID_POINTS = 10
-"""SD-Turbo demo / SDTurboScheduler grid: timesteps 999, 899, ..., 99 (spec §2)."""
+"""SD-Turbo demo / SDTurboScheduler grid: timesteps 999, 899, ..., 99 (Stability's SD-Turbo model card)."""
 STABILITY_GRID_STRIDE = NUM_TRAIN_TIMESTEPS // STABILITY_GRID_POINTS
 MAX_STEPS = 8
 """ADD models are trained for 1-4 steps; beyond 8 a regular sampler is the better tool."""
@@ -155,7 +156,7 @@ def add_timesteps(schedule: str, steps: int, denoise: float = 1.0, custom: str =
 
 # -- noise levels ----------------------------------------------------------------------------------
 def scaled_linear_alphas_cumprod(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """``abar_t`` for t = 0..num_train_timesteps-1 (float64), spec §1."""
+    """``abar_t = prod_{s<=t} (1 - beta_s)`` for t = 0..num_train_timesteps-1 (float64)."""
     betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
@@ -184,21 +185,27 @@ def ancestral_sigmas(sigma: float, sigma_next: float, eta: float = ANCESTRAL_ETA
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""k-diffusion's convention: ``noise_sampler(sigma, sigma_next)`` returns one fresh noise tensor shaped
+like the latent (the host's ``comfy.k_diffusion.sampling.default_noise_sampler`` and its Brownian ones)."""
+
+
 def ancestral_step(
     x: torch.Tensor,
     denoised: torch.Tensor,
     sigma: float,
     sigma_next: float,
-    noise: Callable[[], torch.Tensor],
+    noise_sampler: NoiseSampler,
     eta: float = ANCESTRAL_ETA,
 ) -> torch.Tensor:
-    """One Euler-ancestral step from ``sigma`` to ``sigma_next``; ``noise()`` is called only if needed."""
-    sigma_down, sigma_up = ancestral_sigmas(float(sigma), float(sigma_next), eta)
+    """One Euler-ancestral step from ``sigma`` to ``sigma_next``; noise is drawn only if needed."""
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, eta)
     if sigma_down == 0:
         return denoised
     d = (x - denoised) / sigma
     x = x + d * (sigma_down - sigma)
-    return x + noise() * sigma_up  # drawn even when sigma_up is 0 (eta 0), as the host does
+    # drawn even when sigma_up is 0 (eta 0), as the host does
+    return x + noise_sampler(sigma, sigma_next) * sigma_up
 
 
 def ve_noise_scaling(sigma: torch.Tensor | float, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -208,27 +215,30 @@ def ve_noise_scaling(sigma: torch.Tensor | float, noise: torch.Tensor, latent: t
 
 def renoise_step(
     denoised: torch.Tensor,
+    sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
-    noise: Callable[[], torch.Tensor],
+    noise_sampler: NoiseSampler,
     noise_scaling: Callable = ve_noise_scaling,
 ) -> torch.Tensor:
     """x0, then forward noise to ``sigma_next`` with fresh noise (nothing added at sigma 0)."""
     if float(sigma_next) <= 0:
         return denoised
-    return noise_scaling(sigma_next, noise(), denoised)
+    return noise_scaling(sigma_next, noise_sampler(sigma, sigma_next), denoised)
 
 
-def seeded_noise(like: torch.Tensor, seed: int | None) -> Callable[[], torch.Tensor]:
-    """Fresh Gaussian noise per call from one generator seeded by ``seed``.
+def seeded_noise(like: torch.Tensor, seed: int | None) -> NoiseSampler:
+    """Fresh Gaussian noise per call from one generator seeded by ``seed`` (a host-free default).
 
-    Same draws, in the same order, as k-diffusion's ``default_noise_sampler`` (what the host's
-    samplers use), so a run can be compared with the host's ``euler_ancestral`` bit for bit.
+    Inside ComfyUI the nodes pass the host's own ``default_noise_sampler`` instead, whatever seed
+    offset that host version applies, so a run equals the host's ``euler_ancestral`` on every host.
     """
     gen = None
     if seed is not None:
         gen = torch.Generator(device=like.device)
         gen.manual_seed(seed)
-    return lambda: torch.randn(like.size(), dtype=like.dtype, layout=like.layout, device=like.device, generator=gen)
+    return lambda sigma, sigma_next: torch.randn(
+        like.size(), dtype=like.dtype, layout=like.layout, device=like.device, generator=gen
+    )
 
 
 Denoiser = Callable[..., torch.Tensor]
@@ -243,7 +253,7 @@ def sample(
     update: str,
     extra_args: dict | None = None,
     callback: Callable[[dict], None] | None = None,
-    noise: Callable[[], torch.Tensor] | None = None,
+    noise_sampler: NoiseSampler | None = None,
     noise_scaling: Callable = ve_noise_scaling,
 ) -> torch.Tensor:
     """Run ``len(sigmas) - 1`` ADD steps.
@@ -256,7 +266,9 @@ def sample(
         extra_args: passed to ``model``; ``extra_args["seed"]`` seeds the default noise.
         callback: called after each model call with ``{"x", "i", "sigma", "sigma_hat", "denoised"}``
             (the host's progress bar and previews).
-        noise: a zero-argument noise source; default ``seeded_noise(x, extra_args["seed"])``.
+        noise_sampler: ``noise_sampler(sigma, sigma_next)`` gives each step's fresh noise (k-diffusion
+            convention; the nodes pass the host's ``default_noise_sampler``); default
+            ``seeded_noise(x, extra_args["seed"])``.
         noise_scaling: forward-noising for ``renoise`` (the host passes ``model_sampling.noise_scaling``).
     Returns:
         The final latent (x0 after the last step).
@@ -264,7 +276,7 @@ def sample(
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; expected one of {', '.join(UPDATES)}")
     extra_args = {} if extra_args is None else extra_args
-    noise = noise or seeded_noise(x, extra_args.get("seed"))
+    noise_sampler = noise_sampler or seeded_noise(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -272,7 +284,7 @@ def sample(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if update == "ancestral":
-            x = ancestral_step(x, denoised, float(sigma), float(sigma_next), noise)
+            x = ancestral_step(x, denoised, float(sigma), float(sigma_next), noise_sampler)
         else:
-            x = renoise_step(denoised, sigma_next, noise, noise_scaling)
+            x = renoise_step(denoised, sigma, sigma_next, noise_sampler, noise_scaling)
     return x

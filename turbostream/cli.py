@@ -14,7 +14,8 @@ from pathlib import Path
 from . import host as host_mod
 from .errors import UserError
 
-TINY_MODELS_DIR = host_mod.CACHE_DIR / "tiny-models"
+TINY_MODELS_DIR = host_mod.tiny_models_dir()
+"""The tiny models of the host this process uses (``COMFYUI_DIR`` / ``COMFYUI_ARCHIVE`` / bundled)."""
 
 
 class CLIError(UserError):
@@ -25,6 +26,11 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     paths = host_mod.setup(make_models=not args.no_models, browser=args.browser)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_venv_python(args: argparse.Namespace) -> int:
+    print(host_mod.venv_python(host_mod.host_dir()))
     return 0
 
 
@@ -128,10 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("setup", help="create .venv, fetch the host, link the pack, make tiny models")
+    p = sub.add_parser("setup", help="fetch the host, create its venv, link the pack, make tiny models")
     p.add_argument("--no-models", action="store_true", help="skip making the tiny models")
     p.add_argument("--browser", action="store_true", help="also install Debian's chromium (browser tests)")
     p.set_defaults(func=_cmd_setup)
+
+    p = sub.add_parser("venv-python", help="print the Python of the selected host's virtual environment")
+    p.set_defaults(func=_cmd_venv_python)
 
     models = sub.add_parser("models", help="tiny test models and real weights").add_subparsers(
         dest="models_command", required=True

@@ -180,6 +180,10 @@ def format_prompt_error(body: Any, workflow: dict[str, Any]) -> str:
     err = body.get("error") or {}
     msg = err.get("message", "invalid prompt") if isinstance(err, dict) else str(err)
     details = err.get("details") if isinstance(err, dict) else None
+    extra = err.get("extra_info") if isinstance(err, dict) else None
+    class_type = extra.get("class_type") if isinstance(extra, dict) else None
+    if class_type and class_type not in msg:  # newer hosts name the node's title; say which class is missing
+        details = f"{details}, class type {class_type}" if details else f"class type {class_type}"
     lines = [f"ComfyUI rejected the workflow: {msg}" + (f" ({details})" if details else "")]
     for node_id, info in sorted((body.get("node_errors") or {}).items()):
         class_type = info.get("class_type") or workflow.get(node_id, {}).get("class_type", "?")

