@@ -6,7 +6,7 @@ VENV_PY = "$$($(BOOTSTRAP_PY) -m turbostream venv-python)"
 CURRENT_HOST_ARCHIVE ?= ../shared/hosts/comfyui-0.33.0.tar.gz
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-current demo-current bench add-toy reliability lint format serve clean
+.PHONY: setup demo test test-unit test-current demo-current docs-pictures bench add-toy reliability lint format serve clean
 
 setup:
 	$(BOOTSTRAP_PY) -m turbostream setup
@@ -24,6 +24,11 @@ test-current:
 
 demo-current:
 	COMFYUI_ARCHIVE=$(CURRENT_HOST_ARCHIVE) $(MAKE) demo
+
+# Rewrites the committed screenshot in docs/ (the suite itself never writes into the work tree).
+docs-pictures:
+	$(BOOTSTRAP_PY) -m turbostream setup --browser
+	TURBOSTREAM_UPDATE_DOCS=1 $(VENV_PY) -m pytest tests/test_live_browser.py
 
 test-unit: setup
 	$(VENV_PY) -m pytest -m "not host" $(PYTEST_ARGS)

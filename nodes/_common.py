@@ -20,10 +20,22 @@ def _accepts_advanced(input_cls: type) -> bool:
 
 
 def advanced(input_cls: type, *args, **kwargs):
-    """Build an input marked ``advanced=True`` on hosts that know the flag (newer than 0.3.75)."""
+    """A rare knob: optional (an API prompt may leave it out and gets its default) and marked
+    ``advanced=True`` on hosts that know the flag (newer than 0.3.75).
+
+    The front end lays widgets out required first, then optional, and saved UI workflows store widget
+    values by position: every widget input after an advanced one must be optional too
+    (``tests/test_host.py`` checks that the host's widget order is the schema's order).
+    """
+    kwargs["optional"] = True
     if _accepts_advanced(input_cls):
         kwargs["advanced"] = True
     return input_cls(*args, **kwargs)
+
+
+def optional(input_cls: type, *args, **kwargs):
+    """A knob with a good default that an API prompt may leave out (shown as a normal widget)."""
+    return input_cls(*args, optional=True, **kwargs)
 
 
 class NodeInputError(ValueError):

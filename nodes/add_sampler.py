@@ -12,13 +12,16 @@ import torch
 from comfy_api.latest import io
 
 from ..turbostream import add_sampler as core
-from ._common import NodeInputError, advanced, check_numbers, check_option, model_family
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family, optional
 
 SCHEDULE_TOOLTIP = (
     "stability: SD-Turbo demo / SDTurboScheduler grid 999, 899, 799, ... (img2img starts at 10 - int(10 x denoise)). "
     "trailing: diffusers trailing spacing (4 steps: 999, 749, 499, 249; img2img runs int(steps x denoise) of them). "
     "custom: the timesteps list below."
 )
+
+
+DEFAULT_TIMESTEPS = "999,499"
 
 
 def _timesteps(node_id: str, schedule: str, steps: int, denoise: float, timesteps: str) -> list[int]:
@@ -109,10 +112,11 @@ def _schedule_inputs() -> list:
         advanced(
             io.String.Input,
             "timesteps",
-            default="999,499",
+            default=DEFAULT_TIMESTEPS,
             tooltip="Used when schedule is custom: strictly decreasing integers in 0-999, at most 8, e.g. 999,499.",
         ),
-        io.Float.Input(
+        optional(
+            io.Float.Input,
             "denoise",
             default=1.0,
             min=0.0,
@@ -173,7 +177,7 @@ class TurboStreamADDSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, schedule, timesteps, denoise) -> bool | str:
+    def validate_inputs(cls, steps, schedule, timesteps=DEFAULT_TIMESTEPS, denoise=1.0) -> bool | str:
         return _validate(steps, schedule, timesteps, denoise)
 
     @classmethod
@@ -185,8 +189,8 @@ class TurboStreamADDSampler(io.ComfyNode):
         seed,
         steps,
         schedule,
-        timesteps,
-        denoise,
+        timesteps=DEFAULT_TIMESTEPS,
+        denoise=1.0,
         update="ancestral",
         cfg=1.0,
         negative=None,
@@ -261,11 +265,11 @@ class TurboStreamADDScheduler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, schedule, timesteps, denoise) -> bool | str:
+    def validate_inputs(cls, steps, schedule, timesteps=DEFAULT_TIMESTEPS, denoise=1.0) -> bool | str:
         return _validate(steps, schedule, timesteps, denoise)
 
     @classmethod
-    def execute(cls, model, steps, schedule, timesteps, denoise) -> io.NodeOutput:
+    def execute(cls, model, steps, schedule, timesteps=DEFAULT_TIMESTEPS, denoise=1.0) -> io.NodeOutput:
         node = "TurboStreamADDScheduler"
         ts = _timesteps(node, schedule, steps, denoise, timesteps)
         _check_model_sampling(node, model.get_model_object("model_sampling"))

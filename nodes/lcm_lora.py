@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..turbostream import lcm_lora as core
-from ._common import NodeInputError, advanced, check_numbers, check_option, model_family
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family, optional
 
 logger = logging.getLogger("turbostream")
 
@@ -152,11 +152,30 @@ def _fuse(clone, source, keys: list[str]) -> core.FusedWeights:
     return fused
 
 
+def is_dynamic(patcher) -> bool:
+    """Whether the host streams this patcher's weights with dynamic VRAM (``ModelPatcherDynamic``,
+    newer hosts on NVIDIA); 0.3.75's patchers have no ``is_dynamic``."""
+    check = getattr(patcher, "is_dynamic", None)
+    return bool(check()) if callable(check) else False
+
+
 def _apply(clone, source, patches: dict, strength: float, fuse: bool, identity: tuple, part: str, lora_name: str):
-    """Add ``patches`` to ``clone`` (a fresh clone of ``source``); with ``fuse`` merge them into weights."""
+    """Add ``patches`` to ``clone`` (a fresh clone of ``source``); with ``fuse`` merge them into weights.
+
+    A dynamic-VRAM patcher gets the host's own patches even with ``fuse``: that host applies LoRA
+    patches itself as each weight streams into VRAM and keeps the patched copy resident, and a merged
+    weight swapped in by object patch would sit beside the host's pinned copies of the originals.
+    """
     if not patches or strength == 0:
         return
     keys = sorted({_key(k) for k in clone.add_patches(patches, strength)})
+    if fuse and is_dynamic(clone):
+        logger.info(
+            "%s: %s: the host loads this %s with dynamic VRAM and patches its weights as they stream in; "
+            "the %d LoRA keys are applied as host patches instead of fused weights",
+            NODE, lora_name, part, len(keys),
+        )  # fmt: skip
+        return
     if not fuse:
         return
     cache_key = (
@@ -240,13 +259,15 @@ class TurboStreamLCMLoRAFuse(io.ComfyNode):
                     step=0.01,
                     tooltip="LoRA strength on the text encoder; used only when clip is connected.",
                 ),
-                io.Boolean.Input(
+                optional(
+                    io.Boolean.Input,
                     "fuse",
                     default=True,
                     tooltip="true: merge the LoRA into a copy of the patched weights once (cached across runs; "
                     "costs RAM for those weights). false: ordinary host patches, applied at every model load.",
                 ),
-                io.Combo.Input(
+                optional(
+                    io.Combo.Input,
                     "sampling",
                     options=list(SAMPLING),
                     default="lcm",
@@ -261,7 +282,9 @@ class TurboStreamLCMLoRAFuse(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, lora_name, strength_model, strength_clip, fuse, sampling, clip=None) -> io.NodeOutput:
+    def execute(
+        cls, model, lora_name, strength_model, strength_clip=1.0, fuse=True, sampling="lcm", clip=None
+    ) -> io.NodeOutput:
         check_numbers(cls, strength_model=strength_model, strength_clip=strength_clip)
         check_option(NODE, "sampling", sampling, SAMPLING)
         path, lora_sd = _read_lora(lora_name)

@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 from ..turbostream import live as core
 from ..turbostream.client import LIVE_CAPTURED_HEADER as CAPTURED_HEADER
 from ..turbostream.client import LIVE_TOKEN_HEADER as TOKEN_HEADER
-from ._common import NodeInputError, advanced, check_numbers, check_stream_id, number_problem
+from ._common import NodeInputError, advanced, check_numbers, check_stream_id, number_problem, optional
 
 logger = logging.getLogger("turbostream")
 
@@ -93,7 +93,6 @@ class TurboStreamLiveInput(io.ComfyNode):
                     default=10,
                     min=1,
                     max=60,
-                    optional=True,
                     tooltip="Capture rate the browser aims for; frames beyond what the host keeps up with are dropped.",
                 ),
                 advanced(
@@ -102,7 +101,6 @@ class TurboStreamLiveInput(io.ComfyNode):
                     default=2,
                     min=1,
                     max=8,
-                    optional=True,
                     tooltip="Prompts the browser keeps queued at most; a new frame waits or is dropped.",
                 ),
                 io.Image.Input("fallback", optional=True, tooltip="Shown until the first live frame arrives."),
@@ -173,21 +171,21 @@ class TurboStreamLiveOutput(io.ComfyNode):
             inputs=[
                 io.Image.Input("images"),
                 io.String.Input("stream_id", default="webcam", tooltip="The stream to push to."),
-                io.Int.Input(
+                optional(
+                    io.Int.Input,
                     "save_every",
                     default=0,
                     min=0,
                     max=100000,
                     tooltip="Also save every Nth output frame to the output folder (0 = never).",
                 ),
-                advanced(io.String.Input, "filename_prefix", default="turbostream/live", optional=True),
+                advanced(io.String.Input, "filename_prefix", default="turbostream/live"),
                 advanced(
                     io.Int.Input,
                     "quality",
                     default=85,
                     min=10,
                     max=100,
-                    optional=True,
                     tooltip="JPEG quality of the view.",
                 ),
             ],

@@ -24,6 +24,7 @@ from ._common import (
     check_stream_id,
     host_oom_policy,
     model_family,
+    optional,
 )
 from .tiny_vae import tiny_decode, tiny_encode
 
@@ -205,7 +206,8 @@ def _stream_inputs(default_t: str, default_cfg: str) -> list:
             step=0.05,
             tooltip="RCFG: scale of the virtual negative (stock) noise; the paper's examples use 0.5-1.0.",
         ),
-        io.Int.Input(
+        optional(
+            io.Int.Input,
             "frame_buffer_size",
             default=1,
             min=1,
@@ -213,12 +215,14 @@ def _stream_inputs(default_t: str, default_cfg: str) -> list:
             tooltip="Frames denoised together per call (f); the batch is n*f slots. A frame count that f "
             "does not divide is padded with the last frame (the padding is dropped).",
         ),
-        io.Boolean.Input(
+        optional(
+            io.Boolean.Input,
             "add_noise",
             default=True,
             tooltip="Re-noise partially denoised frames with the stream's fixed noise between steps.",
         ),
-        io.Int.Input(
+        optional(
+            io.Int.Input,
             "seed",
             default=0,
             min=0,
@@ -239,7 +243,8 @@ def _stream_inputs(default_t: str, default_cfg: str) -> list:
 
 def _filter_inputs() -> list:
     return [
-        io.Float.Input(
+        optional(
+            io.Float.Input,
             "similarity_threshold",
             default=0.0,
             min=0.0,
@@ -248,7 +253,8 @@ def _filter_inputs() -> list:
             tooltip="0 = off. Above it, near-identical frames are skipped with rising probability "
             "(0.98 typical) and the previous output is repeated.",
         ),
-        io.Int.Input(
+        optional(
+            io.Int.Input,
             "max_skip_frames",
             default=10,
             min=0,
@@ -316,11 +322,11 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
         t_index_list,
         cfg_type,
         guidance,
-        frame_buffer_size,
-        add_noise,
-        seed,
-        similarity_threshold,
-        max_skip_frames,
+        frame_buffer_size=1,
+        add_noise=True,
+        seed=0,
+        similarity_threshold=0.0,
+        max_skip_frames=10,
         delta=1.0,
         index_mode="lcm_index",
         negative=None,
@@ -414,9 +420,9 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
         t_index_list,
         cfg_type,
         guidance,
-        frame_buffer_size,
-        add_noise,
-        seed,
+        frame_buffer_size=1,
+        add_noise=True,
+        seed=0,
         delta=1.0,
         index_mode="lcm_index",
         negative=None,
@@ -542,11 +548,11 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
         t_index_list,
         cfg_type,
         guidance,
-        frame_buffer_size,
-        add_noise,
-        seed,
-        similarity_threshold,
-        max_skip_frames,
+        frame_buffer_size=1,
+        add_noise=True,
+        seed=0,
+        similarity_threshold=0.0,
+        max_skip_frames=10,
         delta=1.0,
         index_mode="lcm_index",
         negative=None,

@@ -24,12 +24,28 @@ _HALF = re.compile(r"^(?P<base>.+)_(?P<half>encoder|decoder)\.[^./]+$")
 _SINGLE_FILE_HINTS = ("taesd", "taef1", "tiny")
 
 
+def _approx_bases() -> list[str]:
+    return sorted({m["base"] for f in folder_paths.get_filename_list("vae_approx") if (m := _HALF.match(f))})
+
+
 def installed_tiny_vaes() -> list[str]:
     """Combo options: ``vae_approx/<base>`` for each encoder/decoder pair (or lone half) and
-    ``vae/<file>`` for single-file AutoencoderTiny weights in the ``vae`` folder."""
-    bases = sorted({m["base"] for f in folder_paths.get_filename_list("vae_approx") if (m := _HALF.match(f))})
+    ``vae/<file>`` for single-file AutoencoderTiny weights in the ``vae`` folder, then each base's bare
+    name as the host's VAELoader spells it (``taesd``, ``taesdxl``), so either spelling is accepted."""
+    bases = _approx_bases()
     singles = [f for f in folder_paths.get_filename_list("vae") if any(h in f.lower() for h in _SINGLE_FILE_HINTS)]
-    return [f"vae_approx/{b}" for b in bases] + [f"vae/{f}" for f in sorted(singles)]
+    return [f"vae_approx/{b}" for b in bases] + [f"vae/{f}" for f in sorted(singles)] + bases
+
+
+def _unknown_name(node: str, vae_name) -> NodeInputError:
+    names = installed_tiny_vaes()
+    listed = ", ".join(names) if names else "none: put a <name>_encoder / <name>_decoder pair in models/vae_approx"
+    return NodeInputError(
+        node,
+        "vae_name",
+        f"{vae_name!r} is not an installed tiny VAE; valid names: {listed} "
+        "(python -m turbostream models download taesd fetches TAESD)",
+    )
 
 
 def _read(node: str, folder: str, name: str) -> dict[str, torch.Tensor]:
@@ -93,17 +109,19 @@ def build_vae(module: core.TinyAutoencoder) -> comfy.sd.VAE:
 def load_tiny_vae(node: str, vae_name: str, latent_family: str = AUTO) -> comfy.sd.VAE:
     check_option(node, "latent_family", latent_family, [AUTO, *core.FAMILIES])
     if not isinstance(vae_name, str):
-        raise NodeInputError(node, "vae_name", f"{vae_name!r} is not one of the listed tiny VAEs")
+        raise _unknown_name(node, vae_name)
+    if "/" not in vae_name and vae_name in _approx_bases():
+        vae_name = f"vae_approx/{vae_name}"  # the host's VAELoader spelling of the same pair
     kind, _, name = vae_name.partition("/")
     if kind == "vae_approx":
         names = [f for f in folder_paths.get_filename_list("vae_approx") if (m := _HALF.match(f)) and m["base"] == name]
         if not names:
-            raise NodeInputError(node, "vae_name", f"no {name}_encoder / {name}_decoder file in models/vae_approx")
+            raise _unknown_name(node, vae_name)
         files = [_read(node, "vae_approx", f) for f in sorted(names)]
     elif kind == "vae":
         files = [_read(node, "vae", name)]
     else:
-        raise NodeInputError(node, "vae_name", f"{vae_name!r} is not one of the listed tiny VAEs")
+        raise _unknown_name(node, vae_name)
     try:
         encoder_sd, decoder_sd = core.split_halves(files)  # the layout first: a full-size VAE is no tiny one
         family = _family(node, vae_name, latent_family, files)
@@ -255,8 +273,9 @@ class TurboStreamTinyVAELoader(io.ComfyNode):
                 io.Combo.Input(
                     "vae_name",
                     options=installed_tiny_vaes(),
-                    tooltip="vae_approx/<name>: the <name>_encoder/_decoder pair (a lone decoder decodes "
-                    "only); vae/<file>: a single-file AutoencoderTiny.",
+                    tooltip="vae_approx/<name> (or just <name>, as VAE Loader lists it): the "
+                    "<name>_encoder/_decoder pair (a lone decoder decodes only); vae/<file>: a single-file "
+                    "AutoencoderTiny.",
                 ),
                 advanced(
                     io.Combo.Input,

@@ -23,6 +23,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "host" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.host)
+    # checks of what the whole session left in the host log run after everything else
+    items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)
 
 
 @pytest.fixture(scope="session")

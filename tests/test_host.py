@@ -50,3 +50,44 @@ def test_pack_import_is_idempotent(pack):
     first = asyncio.run(ext.get_node_list())
     asyncio.run(ext.on_load())
     assert asyncio.run(ext.get_node_list()) == first
+
+
+def _node_classes(pack) -> dict:
+    return {cls.define_schema().node_id: cls for cls in pack.nodes.ALL_NODES}
+
+
+def test_widget_order_on_the_host_is_the_schema_order(object_info, pack):
+    """The front end lays widgets out required first, then optional, and saved UI workflows keep widget
+    values by position: no required input may follow an optional one in a schema, or old files would
+    load with their values shifted."""
+    for node_id, cls in _node_classes(pack).items():
+        schema_order = [spec.id for spec in cls.define_schema().inputs]
+        order = object_info[node_id].get("input_order", {})
+        host_order = list(order.get("required", [])) + list(order.get("optional", []))
+        assert host_order == schema_order, node_id
+
+
+def test_optional_inputs_default_to_their_schema_default(pack):
+    """An API prompt may leave an optional input out: execute() then runs with its schema default."""
+    import inspect
+
+    wrong = []
+    for node_id, cls in _node_classes(pack).items():
+        params = inspect.signature(cls.execute).parameters
+        for spec in cls.define_schema().inputs:
+            if not spec.optional:
+                continue
+            param = params.get(spec.id)
+            default = inspect.Parameter.empty if param is None else param.default
+            if default is inspect.Parameter.empty or default != getattr(spec, "default", None):
+                wrong.append(f"{node_id}.{spec.id}: execute default {default!r}, schema {getattr(spec, 'default', None)!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_advanced_inputs_are_optional(object_info, pack_node_ids):
+    """Rare knobs (advanced on hosts that know the flag) never have to be given in an API prompt."""
+    for node_id in pack_node_ids:
+        required = object_info[node_id]["input"].get("required", {})
+        for name, spec in required.items():
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            assert not opts.get("advanced"), f"{node_id}.{name} is advanced but required"

@@ -107,7 +107,7 @@ def test_full_cfg_is_conventional_cfg():
 
 
 def test_rcfg_stock_noise_matches_the_spec_formula_by_hand():
-    """n=2, f=1, cfg self: after one call, stock = [init_0, s'_0] with s'_0 = init_1 + delta_0 (spec §5)."""
+    """n=2, f=1, cfg self: after one call, stock = [init_0, s'_0] with s'_0 = init_1 + delta_0 (StreamDiffusion RCFG)."""
     timesteps = sb.lcm_timesteps([32, 45])
     engine = make_engine(timesteps, cfg_type="self", guidance=1.2, delta=0.7, add_noise=True)
     denoise, _ = make_denoiser()

@@ -44,7 +44,8 @@ def test_decode_and_encode_match_the_host_taesd(host, tmp_path, family):
         "10": {"class_type": "VAELoader", "inputs": {"vae_name": family}},
         "11": {
             "class_type": "TurboStreamTinyVAELoader",
-            "inputs": {"vae_name": f"vae_approx/{family}", "latent_family": "auto"},
+            # both spellings: our own for taesd, the host VAELoader's bare name for taesdxl
+            "inputs": {"vae_name": f"vae_approx/{family}" if family == "taesd" else family, "latent_family": "auto"},
         },
         "20": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["10", 0]}},
         "21": {"class_type": "TurboStreamTinyVAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["11", 0]}},
@@ -93,6 +94,24 @@ def test_host_model_management_owns_the_tiny_vae(comfy, pack, tiny_models_dir):
     second = nodes.tiny_decode("test", vae, latents)
     assert loaded() and torch.equal(first, second)
     assert first.shape == (2, 64, 64, 3) and 0 <= first.min() and first.max() <= 1
+
+
+def test_loader_takes_the_host_spelling_and_lists_valid_names(comfy, pack, tiny_models_dir):
+    """``taesd`` (as the host's VAELoader lists it) is the same pair as ``vae_approx/taesd``; a name that is
+    neither is refused with the list of valid names."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("vae_approx", str(tiny_models_dir / "vae_approx"))
+    nodes = pack.nodes.tiny_vae
+    assert {"taesd", "taesdxl", "vae_approx/taesd", "vae_approx/taesdxl"} <= set(nodes.installed_tiny_vaes())
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    bare = nodes.tiny_decode("test", nodes.load_tiny_vae("test", "taesd"), latents)
+    prefixed = nodes.tiny_decode("test", nodes.load_tiny_vae("test", "vae_approx/taesd"), latents)
+    assert torch.equal(bare, prefixed)
+    for bad in ("taesd9", "vae_approx/taesd9", "models/taesd", 7):
+        with pytest.raises(ValueError, match="is not an installed tiny VAE; valid names: .*vae_approx/taesd") as err:
+            nodes.load_tiny_vae("TurboStreamTinyVAELoader", bad)
+        assert str(err.value).startswith("TurboStreamTinyVAELoader: vae_name: ")
 
 
 def test_chunked_decode_equals_one_batch(comfy, pack, tiny_models_dir, monkeypatch):
@@ -158,5 +177,6 @@ def test_bad_inputs_are_clear_and_the_host_keeps_serving(host, tmp_path, tiny_mo
         assert "vae_name" in str(body["node_errors"])
     else:
         msg = _run_error(host, tmp_path, decode_wf("vae_approx/missing"))
-        assert "TurboStreamTinyVAELoader: vae_name: no missing_encoder / missing_decoder file" in msg
+        assert "TurboStreamTinyVAELoader: vae_name: 'vae_approx/missing' is not an installed tiny VAE" in msg
+        assert "valid names: " in msg and "vae_approx/taesd" in msg
     queue(host, decode_wf("vae_approx/taesd"), tmp_path)  # the host keeps serving

@@ -9,7 +9,7 @@ Notation (variance preserving, as in the paper): ``x_t = alpha_t * x0 + sigma_t 
 ``denoise(net, x_t, t, cond) -> x0`` turns a network into an x0 prediction (epsilon, v or x0
 parametrisation is the caller's business).
 
-One training iteration (``ADDTrainer.train_step``, spec §2; paper §3):
+One training iteration (``ADDTrainer.train_step``; paper §3):
 
 1. Draw real samples ``x0``, one student timestep ``s`` per sample from ``student_timesteps``
    (default 999, 749, 499, 249) and noise; ``x_s = alpha_s x0 + sigma_s eps``.
@@ -59,7 +59,7 @@ STUDENT_TIMESTEPS = tuple(trailing_timesteps(4))
 DISTILL_WEIGHT = 2.5
 """lambda of the paper: weight of the distillation loss against the adversarial loss."""
 R1_WEIGHT = 1e-5
-"""Weight of the R1 penalty on the discriminator heads (spec §2: ~1e-5)."""
+"""Weight of the R1 penalty on the discriminator heads (of the order the paper reports, ~1e-5)."""
 TEACHER_T_RANGE = (1, 999)
 """Teacher timesteps for the distillation target, drawn uniformly (inclusive)."""
 HEAD_CHANNELS = 64

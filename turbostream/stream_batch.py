@@ -1,6 +1,7 @@
 """StreamDiffusion-style stream batch: several frames at different timesteps in one denoiser call.
 
-Pure torch (``../shared/streamdiffusion-spec.md`` §3-6, arXiv 2312.12491). All latents here are in
+Pure torch (StreamDiffusion: Kodaira et al., arXiv 2312.12491, and its reference implementation
+cumulo-autumn/StreamDiffusion, PyPI ``streamdiffusion`` 0.1.1, ``pipeline.py``). All latents here are in
 the denoiser's own space ("model space", unit variance) and in the VP convention:
 ``x_t = alpha_t * x0 + beta_t * eps`` with ``alpha_t = sqrt(abar_t)``, ``beta_t = sqrt(1 - abar_t)``.
 
@@ -42,7 +43,8 @@ from .oom import OomPolicy, run_in_chunks
 logger = logging.getLogger("turbostream")
 
 LCM_ORIGINAL_STEPS = 50
-"""LCM's original schedule: ``timesteps[i] = 999 - 20 * i`` for i = 0..49 (spec §3)."""
+"""LCM's original schedule: ``timesteps[i] = 999 - 20 * i`` for i = 0..49 (diffusers ``LCMScheduler`` with
+``original_inference_steps=50``; Luo et al., arXiv 2310.04378)."""
 NUM_TRAIN_TIMESTEPS = 1000
 LCM_STRIDE = NUM_TRAIN_TIMESTEPS // LCM_ORIGINAL_STEPS
 SIGMA_DATA = 0.5
@@ -156,7 +158,8 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # -- similarity filter ---------------------------------------------------------------------------------
 class SimilarityFilter:
-    """Stochastic similarity filter (spec §6) with its own seeded generator.
+    """Stochastic similarity filter (StreamDiffusion paper §3.4, upstream ``image_filter.py``) with its own
+seeded generator.
 
     A frame is skipped with probability ``max(0, (cos - threshold) / (1 - threshold))`` where ``cos``
     is its cosine similarity to the last processed frame; at most ``max_skip_frames`` frames in a row
@@ -455,7 +458,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def expected_evaluations(config: StreamConfig) -> int:
-    """Denoiser evaluations per call (spec §5): n*f (none/self), n*f + f (initialize), 2*n*f (full)."""
+    """Denoiser evaluations per call: n*f (none/self), n*f + f (initialize), 2*n*f (full)."""
     n_f = config.slots
     if not config.uses_guidance or config.cfg_type == "self":
         return n_f

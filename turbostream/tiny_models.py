@@ -108,7 +108,7 @@ FAMILY_CLASSES = {"sd15": "SD15", "sd21": "SD20", "sdxl": "SDXL"}
 """The host's ``comfy.supported_models`` class each family must be detected as."""
 
 TAESD_SCALE = {"taesd": 0.18215, "taesdxl": 0.13025}
-"""Raw-latent scale the host applies before the TAESD decoder (spec §7); the shift is 0 for both."""
+"""Raw-latent scale the host applies before the TAESD decoder (``comfy/latent_formats.py``); the shift is 0 for both."""
 FAMILY_TAESD = {"sd15": "taesd", "sd21": "taesd", "sdxl": "taesdxl"}
 
 

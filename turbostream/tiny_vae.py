@@ -1,6 +1,7 @@
 """Tiny autoencoders (TAESD family) as diffusers ``AutoencoderTiny``, configured from the weights.
 
-Pure torch + diffusers. Facts (``../shared/streamdiffusion-spec.md`` §7):
+Pure torch + diffusers. Facts (madebyollin/taesd, its README and ``taesd.py``; diffusers
+``AutoencoderTiny``; ComfyUI's ``comfy/taesd/taesd.py`` and ``comfy/latent_formats.py`` for the scales):
 
 * TAESD encoder and decoder have ~1.2M parameters each; the decoder clamps its input with
   ``tanh(x / 3) * 3``. The networks work on *scaled* latents (unit variance); the host works on
@@ -50,7 +51,8 @@ FAMILIES: dict[str, TinyVAEFamily] = {
         TinyVAEFamily("taef1", 16, 0.3611, 0.1159, "Flux"),
     )
 }
-"""Scale/shift per family, as ComfyUI applies them to raw latents (spec §7)."""
+"""Scale/shift per family, as ComfyUI applies them to raw latents (``comfy/latent_formats.py``:
+SD15 0.18215, SDXL 0.13025, SD3 1.5305/0.0609, Flux 0.3611/0.1159)."""
 
 
 class TinyVAEError(ValueError):
