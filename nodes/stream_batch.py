@@ -196,7 +196,15 @@ def _stream_inputs(default_t: str, default_cfg: str) -> list:
             "(n*f). initialize: RCFG seeded by one real negative pass per new frame (n*f+f). full: "
             "conventional CFG (2*n*f).",
         ),
-        io.Float.Input("guidance", default=1.2, min=0.0, max=20.0, step=0.05, tooltip="Guidance scale (1.0 = off)."),
+        io.Float.Input(
+            "guidance",
+            default=1.2,
+            min=0.0,
+            max=20.0,
+            step=0.05,
+            tooltip="Guidance scale; 1.0 = off. Applied whenever it is not 1: below 1 it blends toward the "
+            "negative (as the host's cfg does), where upstream StreamDiffusion turns guidance off at 1 or below.",
+        ),
         advanced(
             io.Float.Input,
             "delta",

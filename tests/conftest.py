@@ -82,7 +82,17 @@ def host(host_dir, tiny_models_dir):
     server.cleanup()
 
 
+SUMMARY_LINES = pytest.StashKey[list]()
+"""Lines tests hand in for the end of the run (e.g. the stream oracle's table of differences)."""
+
+
+def pytest_configure(config):
+    config.stash[SUMMARY_LINES] = []
+
+
 def pytest_terminal_summary(terminalreporter):
+    for line in terminalreporter.config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)
     _PEAKS["tests"] = _peak_rss_gib()
     peaks = ", ".join(f"{k} process {v:.2f} GiB" for k, v in _PEAKS.items() if v)
     terminalreporter.write_line(f"peak resident memory: {peaks}")

@@ -101,7 +101,11 @@ def main(tiny: Path) -> dict:
     def host_lora(model):
         return lcm_sampling(host_nodes.LoraLoaderModelOnly().load_lora_model_only(model, LORA, 1.0)[0])
 
-    out: dict = {"aimdo": AIMDO, "dynamic_class": type(dynamic).__name__, "dynamic": pack.nodes.lcm_lora.is_dynamic(dynamic)}
+    out: dict = {
+        "aimdo": AIMDO,
+        "dynamic_class": type(dynamic).__name__,
+        "dynamic": pack.nodes.lcm_lora.is_dynamic(dynamic),
+    }
     results = {}
     for name, base in (("classic", classic), ("dynamic", dynamic)):
         before = len(records.messages)
@@ -166,4 +170,5 @@ def main(tiny: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(Path(sys.argv[1]))), flush=True)
+    sys.stdout.write("RESULT " + json.dumps(main(Path(sys.argv[1]))) + "\n")
+    sys.stdout.flush()

@@ -80,7 +80,9 @@ def test_optional_inputs_default_to_their_schema_default(pack):
             param = params.get(spec.id)
             default = inspect.Parameter.empty if param is None else param.default
             if default is inspect.Parameter.empty or default != getattr(spec, "default", None):
-                wrong.append(f"{node_id}.{spec.id}: execute default {default!r}, schema {getattr(spec, 'default', None)!r}")
+                wrong.append(
+                    f"{node_id}.{spec.id}: execute default {default!r}, schema {getattr(spec, 'default', None)!r}"
+                )
     assert not wrong, "\n".join(wrong)
 
 

@@ -107,7 +107,8 @@ def test_full_cfg_is_conventional_cfg():
 
 
 def test_rcfg_stock_noise_matches_the_spec_formula_by_hand():
-    """n=2, f=1, cfg self: after one call, stock = [init_0, s'_0] with s'_0 = init_1 + delta_0 (StreamDiffusion RCFG)."""
+    """n=2, f=1, cfg self: the first call uses stock [init_0, 0] (upstream shifts its zeros before call 0);
+    after it, stock = [init_0, s'_0] with s'_0 = init_1 + delta_0 (StreamDiffusion RCFG)."""
     timesteps = sb.lcm_timesteps([32, 45])
     engine = make_engine(timesteps, cfg_type="self", guidance=1.2, delta=0.7, add_noise=True)
     denoise, _ = make_denoiser()
@@ -120,7 +121,7 @@ def test_rcfg_stock_noise_matches_the_spec_formula_by_hand():
     a = s.c_out / s.alpha + s.c_skip
     b = -s.c_out * s.beta / s.alpha
     eps_c = (x0_c - a.view(-1, 1, 1, 1) * x) / b.view(-1, 1, 1, 1)
-    stock0 = torch.zeros_like(noise)  # starts at zeros
+    stock0 = torch.cat([noise[:1], torch.zeros_like(noise[1:])])  # the newest slot's own noise, then nothing yet
     eps = 0.7 * stock0 + 1.2 * (eps_c - 0.7 * stock0)
     # slot 0 by hand: delta_0 = [c_out*(beta*s - beta*eps)/alpha + c_skip*beta*s] * alpha_1/beta_1
     i = 0

@@ -159,13 +159,13 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # -- similarity filter ---------------------------------------------------------------------------------
 class SimilarityFilter:
     """Stochastic similarity filter (StreamDiffusion paper §3.4, upstream ``image_filter.py``) with its own
-seeded generator.
+    seeded generator.
 
-    A frame is skipped with probability ``max(0, (cos - threshold) / (1 - threshold))`` where ``cos``
-    is its cosine similarity to the last processed frame; at most ``max_skip_frames`` frames in a row
-    are skipped (then one is processed regardless). Processed frames become the reference.
-    ``threshold <= 0`` or ``>= 1`` turns it off. (Upstream counts skips without resetting the count when
-    a frame is processed by chance, and allows one extra skip; we count consecutive skips.)
+        A frame is skipped with probability ``max(0, (cos - threshold) / (1 - threshold))`` where ``cos``
+        is its cosine similarity to the last processed frame; at most ``max_skip_frames`` frames in a row
+        are skipped (then one is processed regardless). Processed frames become the reference.
+        ``threshold <= 0`` or ``>= 1`` turns it off. (Upstream counts skips without resetting the count when
+        a frame is processed by chance, and allows one extra skip; we count consecutive skips.)
     """
 
     def __init__(self, threshold: float, max_skip_frames: int, seed: int) -> None:
@@ -268,7 +268,12 @@ class StreamEngine:
         self.init_noise = self.init_noise.to(self.device, self.dtype)
         f = cfg.frame_buffer_size
         self.buffer = torch.zeros(((cfg.steps - 1) * f, *self.latent_shape), device=self.device, dtype=self.dtype)
-        self.stock_noise = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # RCFG stock noise as the next call uses it: the f newest slots carry the noise they were noised
+        # with, the others what the previous call left (nothing yet). Upstream StreamDiffusion keeps a
+        # zero-initialised stock and shifts ``[init_noise[:1]; stock[:-1]]`` at the start of every call, so
+        # its first call also sees ``[init_noise_0, 0, ...]`` (checked against streamdiffusion 0.1.1).
+        rest = torch.zeros(((cfg.steps - 1) * f, *self.latent_shape), device=self.device, dtype=self.dtype)
+        self.stock_noise = torch.cat([self.init_noise[:f], rest], dim=0)
 
     @property
     def lag(self) -> int:
