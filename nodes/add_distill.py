@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..turbostream import add_distill as core
 from ..turbostream import add_sampler
-from ._common import NodeInputError, advanced, check_numbers, check_option, model_family
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family, schema
 
 logger = logging.getLogger("turbostream")
 
@@ -226,7 +226,7 @@ def _apply_lora(model, lora_sd: dict[str, torch.Tensor], name: str):
 class TurboStreamADDDistill(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id=NODE,
             display_name="ADD Distill (train turbo LoRA)",
             category="TurboStream/training",

@@ -12,7 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from ..turbostream import add_sampler as core
-from ._common import NodeInputError, advanced, check_numbers, check_option, model_family, optional
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family, optional, schema
 
 SCHEDULE_TOOLTIP = (
     "stability: SD-Turbo demo / SDTurboScheduler grid 999, 899, 799, ... (img2img starts at 10 - int(10 x denoise)). "
@@ -130,7 +130,7 @@ def _schedule_inputs() -> list:
 class TurboStreamADDSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamADDSampler",
             display_name="ADD Sampler (turbo, 1-4 steps)",
             category="TurboStream/sampling",
@@ -173,7 +173,7 @@ class TurboStreamADDSampler(io.ComfyNode):
                 ),
                 io.Conditioning.Input("negative", optional=True, tooltip="Only used when cfg is not 1.0."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The sampled latent (raw, like KSampler's); decode it with a VAE.")],
         )
 
     @classmethod
@@ -249,7 +249,7 @@ class TurboStreamADDSampler(io.ComfyNode):
 class TurboStreamADDScheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamADDScheduler",
             display_name="ADD Scheduler (turbo sigmas)",
             category="TurboStream/sampling",
@@ -261,7 +261,7 @@ class TurboStreamADDScheduler(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model whose noise schedule converts timesteps to sigmas."),
                 *_schedule_inputs(),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(tooltip="Noise levels of the chosen timesteps, ending in 0, for SamplerCustom.")],
         )
 
     @classmethod
@@ -279,7 +279,7 @@ class TurboStreamADDScheduler(io.ComfyNode):
 class TurboStreamRenoiseSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamRenoiseSampler",
             display_name="ADD Renoise Sampler",
             category="TurboStream/sampling",
@@ -288,7 +288,7 @@ class TurboStreamRenoiseSampler(io.ComfyNode):
                 "with fresh noise (consistency/LCM-style update). Pair with ADD Scheduler."
             ),
             inputs=[],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="The renoise update, for SamplerCustom / SamplerCustomAdvanced.")],
         )
 
     @classmethod

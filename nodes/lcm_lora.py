@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..turbostream import lcm_lora as core
-from ._common import NodeInputError, advanced, check_numbers, check_option, model_family, optional
+from ._common import NodeInputError, advanced, check_numbers, check_option, model_family, optional, schema
 
 logger = logging.getLogger("turbostream")
 
@@ -217,7 +217,7 @@ def _lcm_sampling(model):
 class TurboStreamLCMLoRAFuse(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id=NODE,
             display_name="LCM-LoRA Fuse (2-8 steps)",
             category="TurboStream/models",

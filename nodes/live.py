@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 from ..turbostream import live as core
 from ..turbostream.client import LIVE_CAPTURED_HEADER as CAPTURED_HEADER
 from ..turbostream.client import LIVE_TOKEN_HEADER as TOKEN_HEADER
-from ._common import NodeInputError, advanced, check_numbers, check_stream_id, number_problem, optional
+from ._common import NodeInputError, advanced, check_numbers, check_stream_id, number_problem, optional, schema
 
 logger = logging.getLogger("turbostream")
 
@@ -68,14 +68,14 @@ def _prefix_problem(prefix: str | None) -> str | None:
 class TurboStreamLiveInput(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamLiveInput",
             display_name="Live Input (webcam / video)",
             category="TurboStream/live",
             description=(
                 "The newest frame a browser (or any client) sent for stream_id, scaled and centre-cropped "
                 "to width x height. Press Start on the node to stream your webcam or a video file: each "
-                "frame is uploaded and the workflow queued, with at most 'in flight' prompts queued. "
+                "frame is uploaded and the workflow queued, with at most max_in_flight prompts queued. "
                 "Before any frame arrives it outputs the fallback image (or mid-gray) and logs why."
             ),
             inputs=[
@@ -106,8 +106,11 @@ class TurboStreamLiveInput(io.ComfyNode):
                 io.Image.Input("fallback", optional=True, tooltip="Shown until the first live frame arrives."),
             ],
             outputs=[
-                io.Image.Output(display_name="image"),
-                io.String.Output(display_name="stream_id"),
+                io.Image.Output(display_name="image", tooltip="The newest frame, width x height (or the fallback)."),
+                io.String.Output(
+                    display_name="stream_id",
+                    tooltip="The stream's id as this tab owns it: wire it to Live Img2Img and Live Output.",
+                ),
             ],
         )
 
@@ -158,7 +161,7 @@ class TurboStreamLiveInput(io.ComfyNode):
 class TurboStreamLiveOutput(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamLiveOutput",
             display_name="Live Output (view)",
             category="TurboStream/live",
@@ -169,7 +172,7 @@ class TurboStreamLiveOutput(io.ComfyNode):
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
-                io.Image.Input("images"),
+                io.Image.Input("images", tooltip="The frames to show (and push) for this stream."),
                 io.String.Input("stream_id", default="webcam", tooltip="The stream to push to."),
                 optional(
                     io.Int.Input,
@@ -179,7 +182,12 @@ class TurboStreamLiveOutput(io.ComfyNode):
                     max=100000,
                     tooltip="Also save every Nth output frame to the output folder (0 = never).",
                 ),
-                advanced(io.String.Input, "filename_prefix", default="turbostream/live"),
+                advanced(
+                    io.String.Input,
+                    "filename_prefix",
+                    default="turbostream/live",
+                    tooltip="Where save_every writes frames, inside the output folder (subfolders allowed).",
+                ),
                 advanced(
                     io.Int.Input,
                     "quality",

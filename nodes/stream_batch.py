@@ -25,6 +25,7 @@ from ._common import (
     host_oom_policy,
     model_family,
     optional,
+    schema,
 )
 from .tiny_vae import tiny_decode, tiny_encode
 
@@ -296,7 +297,7 @@ def _to_raw(model, latents: torch.Tensor) -> torch.Tensor:
 class TurboStreamStreamImg2Img(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamStreamImg2Img",
             display_name="Stream Img2Img (video, stream batch)",
             category="TurboStream/stream",
@@ -312,7 +313,10 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
                 *_filter_inputs(),
                 _negative_input(),
             ],
-            outputs=[io.Image.Output(display_name="images"), io.Latent.Output(display_name="latent")],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="One decoded frame per input frame, in order."),
+                io.Latent.Output(display_name="latent", tooltip="The same frames as raw latents (before decoding)."),
+            ],
         )
 
     @classmethod
@@ -391,7 +395,7 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
 class TurboStreamStreamTxt2Img(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamStreamTxt2Img",
             display_name="Stream Txt2Img (stream batch)",
             category="TurboStream/stream",
@@ -408,7 +412,10 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
                 *_stream_inputs("0,16,32,45", "none"),
                 _negative_input(),
             ],
-            outputs=[io.Image.Output(display_name="images"), io.Latent.Output(display_name="latent")],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="The generated frames, decoded, in order."),
+                io.Latent.Output(display_name="latent", tooltip="The same frames as raw latents (before decoding)."),
+            ],
         )
 
     @classmethod
@@ -466,9 +473,13 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
 
 
 # -- live img2img -------------------------------------------------------------------------------------------
+_SIGNATURE_FIELDS = ("the model's patches", "t_index_list", "frame_buffer_size", "seed", "the frame size",
+                     "index_mode", "add_noise")  # fmt: skip
+
+
 def _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise) -> tuple:
     """What a stream's state depends on besides the model objects (:func:`_model_refs`): change any of
-    these and the stream restarts."""
+    these and the stream restarts (the fields are named in :data:`_SIGNATURE_FIELDS`)."""
     return (
         len(model.patches),
         tuple(timesteps),
@@ -499,13 +510,17 @@ def _restart_reason(entry, sig: tuple, model, size: list[int]) -> str | None:
         return "the frame size changed"
     if not same_model and any(ref() is None for ref in refs):
         return "the model was loaded again (the host freed its cache, e.g. POST /free)"
-    return "model, steps or seed changed"
+    if not same_model:
+        return "the model changed"
+    before = entry.meta.get("signature") or (None,) * len(sig)
+    changed = [name for name, a, b in zip(_SIGNATURE_FIELDS, before, sig, strict=True) if a != b]
+    return " and ".join(changed) + " changed"
 
 
 class TurboStreamLiveImg2Img(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamLiveImg2Img",
             display_name="Live Img2Img (stream)",
             category="TurboStream/stream",
@@ -513,7 +528,9 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 "The stream engine with state kept across prompts, keyed by stream_id: queue one frame per "
                 "prompt to stream continuously. Output lags the input by len(t_index_list) - 1 frames; "
                 "during the first calls the newest frame's one-step result is shown instead of nothing. "
-                "Prompt and guidance changes apply in place; model, size, steps or seed changes restart."
+                "Prompt, guidance, delta and filter changes apply in place; a new model (or LoRA), frame size, "
+                "t_index_list, seed, frame_buffer_size, index_mode or add_noise restarts it (logged with the "
+                "reason)."
             ),
             not_idempotent=True,
             inputs=[
@@ -528,7 +545,13 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 *_filter_inputs(),
                 _negative_input(),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[
+                io.Image.Output(
+                    display_name="image",
+                    tooltip="The finished frame: the one fed len(t_index_list) - 1 calls ago (a one-step estimate "
+                    "of the newest frame while the stream warms up).",
+                )
+            ],
         )
 
     @classmethod

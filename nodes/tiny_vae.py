@@ -15,7 +15,7 @@ from comfy_api.latest import io
 
 from ..turbostream import tiny_vae as core
 from ..turbostream.oom import run_in_chunks
-from ._common import NodeInputError, advanced, check_option, host_oom_policy
+from ._common import NodeInputError, advanced, check_option, host_oom_policy, schema
 
 logger = logging.getLogger("turbostream")
 
@@ -260,7 +260,7 @@ def tiny_encode(node: str, vae, pixels: torch.Tensor) -> torch.Tensor:
 class TurboStreamTinyVAELoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamTinyVAELoader",
             display_name="Tiny VAE Loader (TAESD)",
             category="TurboStream/vae",
@@ -286,7 +286,7 @@ class TurboStreamTinyVAELoader(io.ComfyNode):
                     "(taesd, taesdxl, taesd3, taef1); set it for files named otherwise.",
                 ),
             ],
-            outputs=[io.Vae.Output()],
+            outputs=[io.Vae.Output(tooltip="A host VAE: use it with these nodes or VAEDecode / VAEEncode.")],
         )
 
     @classmethod
@@ -297,7 +297,7 @@ class TurboStreamTinyVAELoader(io.ComfyNode):
 class TurboStreamTinyVAEDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamTinyVAEDecode",
             display_name="Tiny VAE Decode",
             category="TurboStream/vae",
@@ -307,7 +307,7 @@ class TurboStreamTinyVAEDecode(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="Raw latents from a sampler (the family's scale/shift is applied)."),
                 io.Vae.Input("vae", tooltip="From Tiny VAE Loader."),
             ],
-            outputs=[io.Image.Output()],
+            outputs=[io.Image.Output(tooltip="Images in [0, 1], one per latent.")],
         )
 
     @classmethod
@@ -318,7 +318,7 @@ class TurboStreamTinyVAEDecode(io.ComfyNode):
 class TurboStreamTinyVAEEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="TurboStreamTinyVAEEncode",
             display_name="Tiny VAE Encode",
             category="TurboStream/vae",
@@ -331,7 +331,7 @@ class TurboStreamTinyVAEEncode(io.ComfyNode):
                 ),
                 io.Vae.Input("vae", tooltip="From Tiny VAE Loader (needs the encoder half)."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="Raw latents for this VAE's model family, one per image.")],
         )
 
     @classmethod

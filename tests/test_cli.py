@@ -116,7 +116,7 @@ def test_invalid_json(tmp_path):
 
 
 def test_ui_format_is_refused_with_a_hint():
-    proc = run_cli("queue", str(REPO_ROOT / "workflows" / "ui" / "sd_turbo_txt2img.json"), "--server", "127.0.0.1:1")
+    proc = run_cli("queue", str(REPO_ROOT / "example_workflows" / "sd_turbo_txt2img.json"), "--server", "127.0.0.1:1")
     assert proc.returncode == 1 and "UI-format workflow" in proc.stderr and "Export (API)" in proc.stderr
 
 

@@ -22,6 +22,12 @@ def test_object_info_lists_every_pack_node(object_info, pack_node_ids):
         assert node_id.startswith("TurboStream"), node_id
         assert info["category"].startswith("TurboStream/"), (node_id, info["category"])
         assert info.get("description"), f"{node_id} has no description"
+        for group in ("required", "optional"):
+            for name, spec in (info["input"].get(group) or {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        tips = info.get("output_tooltips") or [None] * len(info["output"])
+        assert all(tips), f"{node_id}: an output has no tooltip ({info.get('output_name')})"
 
 
 def test_extensions_lists_the_pack_js(host):
@@ -93,3 +99,21 @@ def test_advanced_inputs_are_optional(object_info, pack_node_ids):
         for name, spec in required.items():
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             assert not opts.get("advanced"), f"{node_id}.{name} is advanced but required"
+
+
+def test_search_aliases_where_the_host_shows_them(object_info, pack, pack_node_ids):
+    """Hosts whose V3 Schema has ``search_aliases`` (0.33) list the words users type; 0.3.75 lists none."""
+    common = pack.nodes._common
+    assert set(common.SEARCH_ALIASES) == set(pack_node_ids), "every node has its search words"
+    supported = "search_aliases" in common._schema_fields()
+    seen = set()
+    for node_id in pack_node_ids:
+        aliases = object_info[node_id].get("search_aliases") or []
+        if supported:
+            assert set(common.SEARCH_ALIASES[node_id]) | {"turbostream", "realtime"} <= set(aliases), node_id
+            seen |= set(aliases)
+        else:
+            assert aliases == [], node_id
+    if supported:
+        wanted = {"streamdiffusion", "realtime", "webcam", "turbo", "sdxl turbo", "lcm", "taesd", "tiny vae"}
+        assert wanted <= seen, wanted - seen

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO_ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-UI_WORKFLOW = REPO_ROOT / "workflows" / "ui" / "live_webcam_img2img.json"
+UI_WORKFLOW = REPO_ROOT / "example_workflows" / "live_webcam_img2img.json"
 SCREENSHOT = REPO_ROOT / "docs" / "live_webcam.png"
 UPDATE_DOCS = os.environ.get("TURBOSTREAM_UPDATE_DOCS") == "1"
 """The committed screenshot is rewritten only on purpose (``make docs-pictures``); a normal run writes
@@ -163,3 +163,98 @@ def test_live_webcam_in_the_browser(browser, host, tmp_path):
         ctx_a.close()
         ctx_b.close()
     assert not errors_a and not errors_b, errors_a + errors_b
+
+
+def _open_front_end(browser, host):
+    """A fresh tab on the host's front end, once the pack's node types are registered."""
+    for key, value in FRONT_END_SETTINGS.items():
+        host.post_json(f"/settings/{key}", value)
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(host.url, wait_until="domcontentloaded")
+    page.wait_for_function(
+        "() => window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types?.TurboStreamLiveOutput",
+        timeout=90_000,
+    )
+    return context, page, errors
+
+
+LOAD_GRAPH_JS = """async (wf) => {
+    // load wf and wait until the canvas shows exactly its nodes (newer front ends switch graphs
+    // asynchronously, and may still be opening their start-up workflow): up to 3 tries
+    const app = window.comfyAPI.app.app;
+    const expected = wf.nodes.map((n) => n.type).sort().join();
+    const onCanvas = () => app.graph._nodes.map((n) => n.type).sort().join();
+    for (let attempt = 0; attempt < 3 && onCanvas() !== expected; attempt++) {
+        await app.loadGraphData(wf);
+        for (let i = 0; i < 50 && onCanvas() !== expected; i++) await new Promise((r) => setTimeout(r, 100));
+    }
+    return app.graph._nodes.map((n) => n.type).sort();
+}"""
+
+
+def test_every_template_loads_in_the_front_end(browser, host):
+    """Each workflow Browse Templates lists for the pack loads in the real front end with no missing node
+    types (every node of the file is on the canvas and its type is registered)."""
+    from turbostream.host import PACK_FOLDER_NAME
+
+    names = host.get_json("/workflow_templates")[PACK_FOLDER_NAME]
+    assert len(names) == len(list((REPO_ROOT / "example_workflows").glob("*.json")))
+    context, page, errors = _open_front_end(browser, host)
+    try:
+        for name in sorted(names):
+            result = page.evaluate(
+                """async (url) => {
+                    const wf = await (await fetch(url)).json();
+                    const expected = wf.nodes.map((n) => n.type).sort();
+                    const onCanvas = await (LOAD_GRAPH)(wf);
+                    const types = window.LiteGraph.registered_node_types;
+                    return {expected, onCanvas, missing: expected.filter((t) => !types[t])};
+                }""".replace("LOAD_GRAPH", LOAD_GRAPH_JS),
+                f"/api/workflow_templates/{PACK_FOLDER_NAME}/{name}.json",
+            )
+            assert result["missing"] == [], (name, result["missing"])
+            assert result["onCanvas"] == result["expected"], name
+    finally:
+        context.close()
+    assert not errors, errors
+
+
+def test_node_docs_panel_shows_the_pack_page(browser, host):
+    """The node docs panel renders js/docs/TurboStreamLiveImg2Img.md (its heading is visible), opened as a
+    user does: click the node on the canvas, then the selection toolbox's info button."""
+    context, page, errors = _open_front_end(browser, host)
+    try:
+        page.keyboard.press("Escape")
+        assert "TurboStreamLiveImg2Img" in page.evaluate(LOAD_GRAPH_JS, json.loads(UI_WORKFLOW.read_text()))
+        # move the node into view and click its title bar
+        x, y = page.evaluate(
+            """() => {
+                const c = window.comfyAPI.app.app.canvas;
+                const n = window.comfyAPI.app.app.graph._nodes.find((n) => n.type === 'TurboStreamLiveImg2Img');
+                const rect = c.canvas.getBoundingClientRect();
+                n.pos = [rect.width * 0.5 / c.ds.scale - c.ds.offset[0], 200 / c.ds.scale - c.ds.offset[1]];
+                c.setDirty(true, true);
+                return [rect.left + (n.pos[0] + c.ds.offset[0] + 40) * c.ds.scale,
+                        rect.top + (n.pos[1] + c.ds.offset[1] - 15) * c.ds.scale];
+            }"""
+        )
+        page.wait_for_timeout(300)
+        page.mouse.click(x, y)
+        page.wait_for_function(
+            "() => Object.values(window.comfyAPI.app.app.canvas.selected_nodes || {})"
+            ".some((n) => n.type === 'TurboStreamLiveImg2Img')",
+            timeout=10_000,
+        )
+        # the toolbox's info button: data-testid on older front ends, an aria-label on newer ones
+        page.locator('[data-testid="info-button"], button[aria-label="Node Info"]').first.click(timeout=15_000)
+        heading = page.get_by_role("heading", name="Live Img2Img (stream)", exact=True)
+        heading.wait_for(state="visible", timeout=30_000)
+        for section in ("When to use it", "Common mistakes"):
+            assert page.get_by_role("heading", name=section, exact=True).first.is_visible()
+    finally:
+        context.close()
+    assert not errors, errors

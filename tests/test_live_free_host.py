@@ -129,13 +129,17 @@ def test_a_reloaded_model_restarts_the_stream(pack):
             return self.sampling
 
     old = Model()
-    entry = pack.turbostream.registry.Entry({"model_refs": nodes._model_refs(old)}, 0, 0.0, 0.0, {"signature": ("s",)})
+    sig = (0, (359, 99), 1, 5, (4, 8, 8), "lcm_index", True)
+    entry = pack.turbostream.registry.Entry({"model_refs": nodes._model_refs(old)}, 0, 0.0, 0.0, {"signature": sig})
     entry.meta["size"] = [64, 64]
-    assert nodes._restart_reason(entry, ("s",), old, [64, 64]) is None
-    assert nodes._restart_reason(entry, ("other",), old, [64, 64]) == "model, steps or seed changed"
-    assert nodes._restart_reason(entry, ("other",), old, [64, 72]) == "the frame size changed"  # in the signature too
-    assert nodes._restart_reason(entry, ("s",), Model(), [64, 64]) == "model, steps or seed changed"
+    assert nodes._restart_reason(entry, sig, old, [64, 64]) is None
+    new_seed = (0, (359, 99), 1, 6, (4, 8, 8), "lcm_index", True)
+    assert nodes._restart_reason(entry, new_seed, old, [64, 64]) == "seed changed"
+    new_steps = (0, (399, 99), 1, 6, (4, 8, 8), "lcm_index", False)
+    assert nodes._restart_reason(entry, new_steps, old, [64, 64]) == "t_index_list and seed and add_noise changed"
+    assert nodes._restart_reason(entry, new_seed, old, [64, 72]) == "the frame size changed"  # in the signature too
+    assert nodes._restart_reason(entry, sig, Model(), [64, 64]) == "the model changed"
     del old
     gc.collect()
     again = Model()  # may reuse the freed objects' ids
-    assert "loaded again" in nodes._restart_reason(entry, ("s",), again, [64, 64])
+    assert "loaded again" in nodes._restart_reason(entry, sig, again, [64, 64])

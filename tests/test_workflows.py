@@ -12,7 +12,7 @@ from turbostream import tiny_models, workflow
 from turbostream.workflow import native_txt2img
 
 API_FILES = sorted((REPO_ROOT / "workflows" / "api").glob("*.json"))
-UI_FILES = sorted((REPO_ROOT / "workflows" / "ui").glob("*.json"))
+UI_FILES = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
 
 
 def test_every_api_workflow_has_a_ui_twin():
@@ -89,6 +89,20 @@ def test_ui_drift_check_still_sees_a_changed_widget_value(object_info):
     node["inputs"][name] = node["inputs"][name] + (1 if isinstance(node["inputs"][name], (int, float)) else "x")
     rebuilt = workflow.api_to_ui(api, object_info)
     assert _without_unlinked_outputs(rebuilt) != _without_unlinked_outputs(load_json(path))
+
+
+def test_workflow_templates_list_every_bundled_ui_workflow(host):
+    """Workflow -> Browse Templates: the host lists example_workflows/*.json under the pack's folder name
+    and serves each file as it is in the repository."""
+    import urllib.request
+
+    from turbostream.host import PACK_FOLDER_NAME
+
+    listed = host.get_json("/workflow_templates")
+    assert sorted(listed.get(PACK_FOLDER_NAME, [])) == sorted(p.stem for p in UI_FILES)
+    for path in UI_FILES:
+        with urllib.request.urlopen(f"{host.url}/api/workflow_templates/{PACK_FOLDER_NAME}/{path.name}") as resp:
+            assert json.loads(resp.read()) == load_json(path), path.name
 
 
 def test_check_ui_catches_broken_links(object_info):

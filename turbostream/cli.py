@@ -100,26 +100,42 @@ def _cmd_queue(args: argparse.Namespace) -> int:
 
 def _cmd_build_ui(args: argparse.Namespace) -> int:
     import json
-    import urllib.request
 
     from . import client, workflow
 
-    def build(url: str) -> None:
-        with urllib.request.urlopen(f"{url}/object_info", timeout=60) as resp:
-            object_info = json.loads(resp.read())
-        for api_path in sorted(Path(args.api_dir).glob("*.json")):
-            ui = workflow.api_to_ui(client.load_workflow(api_path), object_info)
-            dest = Path(args.ui_dir) / api_path.name
-            dest.write_text(json.dumps(ui, indent=2) + "\n")
-            print(dest)
+    object_info = _object_info(args.server)
+    for api_path in sorted(Path(args.api_dir).glob("*.json")):
+        ui = workflow.api_to_ui(client.load_workflow(api_path), object_info)
+        dest = Path(args.ui_dir) / api_path.name
+        dest.write_text(json.dumps(ui, indent=2) + "\n")
+        print(dest)
+    return 0
 
-    if args.server:
-        build(f"http://{args.server}")
-    else:
-        from .server import HeadlessHost
 
-        with HeadlessHost(host_mod.ensure_host()) as server:
-            build(server.url)
+def _object_info(server_address: str | None) -> dict:
+    """``/object_info`` of a running host, or of a headless one started for the purpose."""
+    import json
+    import urllib.request
+
+    def read(url: str) -> dict:
+        with urllib.request.urlopen(f"{url}/object_info", timeout=120) as resp:
+            return json.loads(resp.read())
+
+    if server_address:
+        return read(f"http://{server_address}")
+    from .server import HeadlessHost
+
+    with HeadlessHost(host_mod.ensure_host()) as server:
+        return read(server.url)
+
+
+def _cmd_build_docs(args: argparse.Namespace) -> int:
+    from . import node_docs
+
+    info = _object_info(args.server)
+    ours = sorted(k for k, v in info.items() if host_mod.PACK_FOLDER_NAME in str(v.get("python_module", "")))
+    for path in node_docs.build(info, ours, Path(args.docs_dir)):
+        print(path)
     return 0
 
 
@@ -180,11 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_queue)
 
     wf = sub.add_parser("workflows", help="bundled workflow files").add_subparsers(dest="wf_command", required=True)
-    p = wf.add_parser("build-ui", help="rebuild workflows/ui/*.json from workflows/api/*.json")
+    p = wf.add_parser("build-ui", help="rebuild example_workflows/*.json (UI format) from workflows/api/*.json")
     p.add_argument("--server", help="a running host to read /object_info from (default: start one)")
     p.add_argument("--api-dir", default=str(host_mod.REPO_ROOT / "workflows" / "api"))
-    p.add_argument("--ui-dir", default=str(host_mod.REPO_ROOT / "workflows" / "ui"))
+    p.add_argument("--ui-dir", default=str(host_mod.REPO_ROOT / "example_workflows"))
     p.set_defaults(func=_cmd_build_ui)
+
+    docs = sub.add_parser("docs", help="node docs pages (js/docs/<NodeId>.md)").add_subparsers(
+        dest="docs_command", required=True
+    )
+    p = docs.add_parser("build", help="refresh the generated input/output tables of every node's page")
+    p.add_argument("--server", help="a running host to read /object_info from (default: start one)")
+    p.add_argument("--docs-dir", default=str(host_mod.REPO_ROOT / "js" / "docs"))
+    p.set_defaults(func=_cmd_build_docs)
 
     p = sub.add_parser("demo", help="start a host, queue every bundled API workflow, write images and timings")
     p.add_argument("--out", default="out/demo")

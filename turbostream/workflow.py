@@ -1,6 +1,6 @@
 """Workflow files: build the UI (drag-and-drop) format from the API format, and check UI files.
 
-The bundled ``workflows/api/*.json`` are the source of truth; ``workflows/ui/*.json`` are built
+The bundled ``workflows/api/*.json`` are the source of truth; ``example_workflows/*.json`` are built
 from them with the host's ``/object_info`` (which says which inputs are widgets, in which order, and
 which outputs a node has), so the two formats never drift apart:
 
