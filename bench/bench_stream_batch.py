@@ -93,7 +93,7 @@ def _sequential(c, model):
     denoise = sb.host_denoiser(model, 0)
     for z in latents:
         for t in timesteps:  # each step on its own engine of one slot: n calls of batch 1 per frame
-            engine = sb._engine(model, [t], 1, "self", 1.2, 1.0, True, 0, tuple(z.shape))
+            engine = sb._engine("bench", model, [t], 1, "self", 1.2, 1.0, True, 0, tuple(z.shape))
             engine.img2img(z[None], denoise, c["pos"], c["neg"])
 
 

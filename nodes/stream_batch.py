@@ -27,6 +27,7 @@ from ._common import (
     optional,
     schema,
 )
+from .stream_control import control_denoiser, frame_payloads
 from .tiny_vae import tiny_decode, tiny_encode
 
 logger = logging.getLogger("turbostream")
@@ -276,13 +277,36 @@ def _filter_inputs() -> list:
 def _model_inputs() -> list:
     return [
         io.Model.Input("model", tooltip="An LCM (LCM-LoRA + LCM sampling) or turbo model."),
-        io.Conditioning.Input("positive", tooltip="The prompt; may change between prompts without resetting a stream."),
+        io.Conditioning.Input(
+            "positive",
+            tooltip="The prompt; may change between prompts without resetting a stream. With a ControlNet applied "
+            "(ControlNetApplyAdvanced), each frame is steered by its own hint (one hint image per frame, or one "
+            "for all), also while it moves through the stream batch.",
+        ),
         io.Vae.Input("vae", tooltip="A tiny VAE (fast) or any host VAE."),
     ]
 
 
 def _negative_input():
-    return io.Conditioning.Input("negative", optional=True, tooltip="Used by cfg_type full and initialize.")
+    return io.Conditioning.Input(
+        "negative",
+        optional=True,
+        tooltip="Used by cfg_type full and initialize (its ControlNet hints, if any, follow the frames too).",
+    )
+
+
+def _group_payloads(payloads: list | None, groups: int, f: int, pad: int) -> list | None:
+    """Per-frame payloads (ControlNet hints) cut into the engine's frame groups; padding repeats the last."""
+    if payloads is None:
+        return None
+    payloads = payloads + payloads[-1:] * pad
+    return [payloads[i * f : (i + 1) * f] for i in range(groups)]
+
+
+def _denoiser(model, seed: int, positive, negative, payloads):
+    """The host denoiser, with per-slot control when the frames bring ControlNet hints."""
+    denoise = host_denoiser(model, seed)
+    return denoise if payloads is None else control_denoiser(denoise, model, positive, negative)
 
 
 def _to_model_space(model, latents: torch.Tensor) -> torch.Tensor:
@@ -357,6 +381,7 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
         _check_vae(node, model, vae)
         _check_negative(node, cfg_type, guidance, negative)
         count, f = images.shape[0], frame_buffer_size
+        payloads = frame_payloads(node, count, images.shape[1], images.shape[2], model, positive, negative)
         slices, pad = core.frame_groups(count, f)
         if pad:
             logger.warning(
@@ -381,11 +406,12 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
         outs = core.stream_frames(
             engine,
             groups,
-            host_denoiser(model, seed),
+            _denoiser(model, seed, positive, negative, payloads),
             positive,
             negative,
             skip=skip,
             on_call=lambda done, total: pbar.update_absolute(done, total),
+            payloads=_group_payloads(payloads, len(groups), f, pad),
         )
         x0 = _to_raw(model, torch.cat(outs)[:count])
         return io.NodeOutput(tiny_decode(node, vae, x0), {"samples": x0})
@@ -459,14 +485,16 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
             node, model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, (channels, height // 8, width // 8)
         )
         groups = [None] * math.ceil(frames / f)
+        payloads = frame_payloads(node, frames, height, width, model, positive, negative)
         pbar = comfy.utils.ProgressBar(len(groups) + engine.lag)
         outs = core.stream_frames(
             engine,
             groups,
-            host_denoiser(model, seed),
+            _denoiser(model, seed, positive, negative, payloads),
             positive,
             negative,
             on_call=lambda done, total: pbar.update_absolute(done, total),
+            payloads=_group_payloads(payloads, len(groups), f, len(groups) * f - frames),
         )
         x0 = _to_raw(model, torch.cat(outs)[:frames])
         return io.NodeOutput(tiny_decode(node, vae, x0), {"samples": x0})
@@ -636,7 +664,10 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 if state["last"] is None:
                     flt.should_skip(image * 2 - 1)  # the first frame becomes the filter's reference
                 z = _to_model_space(model, tiny_encode(node, vae, image))
-                finished = engine.img2img(z, host_denoiser(model, seed), positive, negative)
+                # each frame's ControlNet hints enter the stream with it and stay with it to the end
+                payload = frame_payloads(node, f, image.shape[1], image.shape[2], model, positive, negative)
+                denoise = control_denoiser(host_denoiser(model, seed), model, positive, negative)
+                finished = engine.img2img(z, denoise, positive, negative, payload=payload)
                 # warm-up: the buffer holds no finished frame yet; show the newest frame's one-step estimate
                 x0 = finished if engine.calls > engine.lag else engine.last_first_x0
                 out = tiny_decode(node, vae, _to_raw(model, x0))

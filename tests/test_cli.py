@@ -263,6 +263,6 @@ def test_catalog_names_what_the_workflows_use():
     named = {f.name for e in hub.CATALOG.values() for f in e.files}
     for path in (REPO_ROOT / "workflows" / "api").glob("*.json"):
         for node in load_json(path).values():
-            for key in ("ckpt_name", "lora_name"):
+            for key in ("ckpt_name", "lora_name", "control_net_name"):
                 if key in node["inputs"]:
                     assert node["inputs"][key] in named, (path.name, node["inputs"][key])

@@ -109,6 +109,30 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         "Tiny autoencoder for SDXL latents",
     ),
+    "controlnet-sd15-canny": CatalogEntry(
+        "comfyanonymous/ControlNet-v1-1_fp16_safetensors",
+        (
+            CatalogFile(
+                "control_v11p_sd15_canny_fp16.safetensors",
+                "controlnet",
+                "control_v11p_sd15_canny_fp16.safetensors",
+                "tiny-sd15-controlnet.safetensors",
+            ),
+        ),
+        "ControlNet 1.1 canny (edges) for SD1.5: steer the stream with Canny of each frame",
+    ),
+    "controlnet-sd15-depth": CatalogEntry(
+        "comfyanonymous/ControlNet-v1-1_fp16_safetensors",
+        (
+            CatalogFile(
+                "control_v11f1p_sd15_depth_fp16.safetensors",
+                "controlnet",
+                "control_v11f1p_sd15_depth_fp16.safetensors",
+                "tiny-sd15-controlnet.safetensors",
+            ),
+        ),
+        "ControlNet 1.1 depth for SD1.5 (needs a depth preprocessor pack for the hint)",
+    ),
 }
 
 

@@ -23,6 +23,11 @@ by ``f`` everywhere, stock noise included), ``initialize`` only right for ``f = 
 unconditional prediction for all ``f`` newest slots), prompt changes resetting the stream (the
 conditioning is a per-call argument and never touches the buffers).
 
+Per-slot payloads (e.g. each frame's ControlNet hint): a group may come with ``f`` opaque payload objects,
+one per frame; they move through the buffer with their frames, and the denoiser is called as
+``denoise(x, t, cond, slots=[payload per slot])`` so that every slot is treated with its own frame's
+payload (``turbostream/stream_control.py``). Without payloads the denoiser is called as before.
+
 Out of memory in a denoiser call: the slots are evaluated again in sub-batches of half the size
 (``turbostream.oom``; the same per-slot math), down to one slot, then a clear error. Run a frame
 inside :func:`transaction` and a failed frame leaves the stream as it was.
@@ -256,6 +261,8 @@ class StreamEngine:
     buffer: torch.Tensor = field(init=False)
     stock_noise: torch.Tensor = field(init=False)
     generator: torch.Generator = field(init=False)
+    buffer_payload: tuple = field(init=False)
+    """The payload of each buffer slot (step-major, like ``buffer``); ``None`` where a frame came without."""
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -274,6 +281,7 @@ class StreamEngine:
         # its first call also sees ``[init_noise_0, 0, ...]`` (checked against streamdiffusion 0.1.1).
         rest = torch.zeros(((cfg.steps - 1) * f, *self.latent_shape), device=self.device, dtype=self.dtype)
         self.stock_noise = torch.cat([self.init_noise[:f], rest], dim=0)
+        self.buffer_payload = (None,) * ((cfg.steps - 1) * f)
 
     @property
     def lag(self) -> int:
@@ -296,15 +304,21 @@ class StreamEngine:
         shape = (self.config.frame_buffer_size, *self.latent_shape)
         return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
 
-    def _eval(self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    def _eval(
+        self, denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any, slots: tuple | None = None
+    ) -> torch.Tensor:
         """``denoise`` over all slots of ``x``: in one call, or in sub-batches after an out-of-memory
-        (the same per-slot math; the sub-batch size found is kept for the rest of the stream)."""
+        (the same per-slot math; the sub-batch size found is kept for the rest of the stream).
+        ``slots``: the payload of each slot, handed to the denoiser (sliced like ``x``)."""
         total = x.shape[0]
         self.evaluations += total
         parts: list[torch.Tensor] = []
 
         def run(start: int, stop: int) -> None:
-            parts.append(denoise(x[start:stop], t[start:stop], cond))
+            if slots is None:
+                parts.append(denoise(x[start:stop], t[start:stop], cond))
+            else:
+                parts.append(denoise(x[start:stop], t[start:stop], cond, slots=list(slots[start:stop])))
 
         limit = min(total, self.max_eval_batch or total)
         used = run_in_chunks(
@@ -315,9 +329,13 @@ class StreamEngine:
             self.max_eval_batch = used
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def step(self, first: torch.Tensor, denoise: Denoiser, cond: Any, uncond: Any = None) -> torch.Tensor:
+    def step(
+        self, first: torch.Tensor, denoise: Denoiser, cond: Any, uncond: Any = None, payload: Sequence | None = None
+    ) -> torch.Tensor:
         """One call: ``first`` is the new group already at the first timestep, ``(f, C, H, W)``.
 
+        ``payload``: one object per frame of the group (or None): it enters the first slots with the
+        frames and moves on with them; while any slot has one, the denoiser gets ``slots=``.
         Returns x0 of the ``f`` slots that finished (the last step's group).
         """
         cfg, s = self.config, self.schedule
@@ -330,19 +348,23 @@ class StreamEngine:
             )
         x = torch.cat([first.to(self.device, self.dtype), self.buffer], dim=0)
         t = s.t.to(self.device)
+        if payload is not None and len(payload) != f:
+            raise ValueError(f"payload must have one entry per frame of the group ({f}), got {len(payload)}")
+        slots = (*(payload if payload is not None else (None,) * f), *self.buffer_payload)
+        slots = slots if any(p is not None for p in slots) else None
         # 1. the conditional prediction for every slot
-        x0 = self._eval(denoise, x, t, cond)
+        x0 = self._eval(denoise, x, t, cond, slots)
         a, b = (self._col(v) for v in s.affine())
         eps_c = (x0 - a * x) / b
         eps = eps_c
         # 2. guidance (eps space, all parameterisations here are affine in eps)
         if guided:
             if cfg.cfg_type == "full":
-                eps_u = (self._eval(denoise, x, t, uncond) - a * x) / b
+                eps_u = (self._eval(denoise, x, t, uncond, slots) - a * x) / b
             else:
                 stock = self.stock_noise
                 if cfg.cfg_type == "initialize":
-                    x0_u = self._eval(denoise, x[:f], t[:f], uncond)
+                    x0_u = self._eval(denoise, x[:f], t[:f], uncond, None if slots is None else slots[:f])
                     stock = torch.cat([(x0_u - a[:f] * x[:f]) / b[:f], stock[f:]], dim=0)
                 eps_u = cfg.delta * stock
             eps = eps_u + cfg.guidance * (eps_c - eps_u)
@@ -358,6 +380,7 @@ class StreamEngine:
             self.buffer = self._col(s.alpha[f:]) * nxt
             if cfg.add_noise:
                 self.buffer = self.buffer + self._col(s.beta[f:]) * self.init_noise[f:]
+            self.buffer_payload = tuple(slots[:-f]) if slots is not None else (None,) * (len(x) - f)
         self.calls += 1
         return out
 
@@ -376,13 +399,20 @@ class StreamEngine:
         s_new = torch.roll(self.init_noise, shifts=-f, dims=0) + delta_x
         return torch.cat([self.init_noise[:f], s_new[:-f]], dim=0)
 
-    def img2img(self, latents: torch.Tensor, denoise: Denoiser, cond: Any, uncond: Any = None) -> torch.Tensor:
-        return self.step(self.first_slot_img2img(latents), denoise, cond, uncond)
+    def img2img(
+        self, latents: torch.Tensor, denoise: Denoiser, cond: Any, uncond: Any = None, payload: Sequence | None = None
+    ) -> torch.Tensor:
+        return self.step(self.first_slot_img2img(latents), denoise, cond, uncond, payload)
 
     def txt2img(
-        self, denoise: Denoiser, cond: Any, uncond: Any = None, latents: torch.Tensor | None = None
+        self,
+        denoise: Denoiser,
+        cond: Any,
+        uncond: Any = None,
+        latents: torch.Tensor | None = None,
+        payload: Sequence | None = None,
     ) -> torch.Tensor:
-        return self.step(self.fresh_txt2img() if latents is None else latents, denoise, cond, uncond)
+        return self.step(self.fresh_txt2img() if latents is None else latents, denoise, cond, uncond, payload)
 
 
 @contextmanager
@@ -418,23 +448,30 @@ def stream_frames(
     uncond: Any = None,
     skip: Sequence[bool] | None = None,
     on_call: Callable[[int, int], None] | None = None,
+    payloads: Sequence[Sequence | None] | None = None,
 ) -> list[torch.Tensor]:
     """Run a whole clip through the stream and return one output per group, aligned (no lag).
 
     ``groups[i]`` is a clean latent group ``(f, C, H, W)`` for img2img, or ``None`` for txt2img.
     ``skip[i]`` (similarity filter) reuses the previous group's output instead of feeding group i.
-    The pipeline is drained: ``lag`` extra calls feed the last group again and their extra outputs
-    are dropped; the first ``lag`` outputs (from the empty buffer) are dropped too.
+    ``payloads[i]``: the group's per-frame payloads (see :meth:`StreamEngine.step`), or None.
+    The pipeline is drained: ``lag`` extra calls feed the last group again (with its payloads) and
+    their extra outputs are dropped; the first ``lag`` outputs (from the empty buffer) are dropped too.
     """
     skip = list(skip) if skip is not None else [False] * len(groups)
+    payloads = list(payloads) if payloads is not None else [None] * len(groups)
     fed = [i for i, s in enumerate(skip) if not s]
     if not fed:
         fed, skip[0] = [0], False
-    sequence = [groups[i] for i in fed] + [groups[fed[-1]]] * engine.lag
+    order = fed + [fed[-1]] * engine.lag
     results: list[torch.Tensor] = []
-    total = len(sequence)
-    for call, group in enumerate(sequence):
-        out = engine.txt2img(denoise, cond, uncond) if group is None else engine.img2img(group, denoise, cond, uncond)
+    total = len(order)
+    for call, i in enumerate(order):
+        group, payload = groups[i], payloads[i]
+        if group is None:
+            out = engine.txt2img(denoise, cond, uncond, payload=payload)
+        else:
+            out = engine.img2img(group, denoise, cond, uncond, payload=payload)
         if call >= engine.lag and len(results) < len(fed):
             results.append(out)
         if on_call is not None:

@@ -126,6 +126,12 @@ TAESD_FILES = {
     for variant in TAESD_SCALE
     for part in ("encoder", "decoder")
 }
+CONTROLNETS = {family: TinyFile("controlnet", f"tiny-{family}-controlnet.safetensors") for family in ("sd15", "sdxl")}
+CONTROLNET_HINT_GAIN = 30.0
+"""The last conv of the tiny ControlNets' hint encoder (``input_hint_block``, zero at the start of real
+training) is scaled by this much beyond N(0, 1/fan_in): with plain random weights the residuals answer
+mostly to the noisy latent and a different hint changed the tiny SD1.5's output by ~0.4% only; with
+the gain by ~30% (a sensitivity test must see a different hint change the picture)."""
 LORA_FILES = {
     (family, fmt): TinyFile("loras", f"tiny-{family}-{fmt}.safetensors")
     for family in ("sd15", "sdxl")
@@ -233,6 +239,28 @@ def checkpoint_state_dict(family: str, seed: int = DEFAULT_SEED) -> dict[str, to
     meta_sd = _state_dict_for_saving(model, clip_sd)
     sd = _materialize(meta_sd, seed)
     sd.update(model_config.process_vae_state_dict_for_saving(vae_sd))
+    return sd
+
+
+def controlnet_state_dict(
+    family: str, seed: int = DEFAULT_SEED, unet_config: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """A ControlNet for ``family`` in the original (``control_model.*``) key layout that real SD1.5 / SDXL
+    ControlNet files use, built from the host's own ``comfy.cldm.cldm.ControlNet`` with the tiny UNet's
+    configuration (or ``unet_config``), which the host detects from the weights, as for the checkpoints."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = unet_config if unet_config is not None else UNET_CONFIGS[family]
+    config = {k: v for k, v in config.items() if k not in ("out_channels", "transformer_depth_output")}
+    with torch.device("meta"):
+        net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, **config)
+    meta = {f"control_model.{k}": v for k, v in net.state_dict().items()}
+    sd = _materialize(meta, seed)
+    last = max(
+        (k for k in sd if ".input_hint_block." in k and k.endswith(".weight")), key=lambda k: int(k.split(".")[2])
+    )
+    sd[last] = (sd[last].float() * CONTROLNET_HINT_GAIN).to(STORAGE_DTYPE)
     return sd
 
 
@@ -366,9 +394,35 @@ def make_real_sd15_unet(out_dir: str | os.PathLike, host_dir: str | os.PathLike,
     return path
 
 
+REAL_SD15_CONTROLNET = TinyFile("controlnet", "sd15-controlnet-random.safetensors")
+"""A real-size SD1.5 ControlNet (~361M parameters) with random weights: only for benchmarks."""
+
+
+def make_real_sd15_controlnet(
+    out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int = DEFAULT_SEED
+) -> Path:
+    """Write ``REAL_SD15_CONTROLNET`` once (loadable with the host's ControlNetLoader)."""
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / REAL_SD15_CONTROLNET.folder / REAL_SD15_CONTROLNET.name
+    if not path.is_file():
+        _import_host(host_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(controlnet_state_dict("sd15", seed, REAL_SD15_UNET_CONFIG), str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
 def _fingerprint(seed: int) -> str:
     payload = json.dumps(
-        {"v": FORMAT_VERSION, "seed": seed, "unet": UNET_CONFIGS, "lora_rank": LORA_RANK}, sort_keys=True
+        {
+            "v": FORMAT_VERSION,
+            "seed": seed,
+            "unet": UNET_CONFIGS,
+            "lora_rank": LORA_RANK,
+            "controlnet_hint_gain": CONTROLNET_HINT_GAIN,
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -406,6 +460,9 @@ def make_all(
     for (family, fmt), tf in LORA_FILES.items():
         if family in families:
             jobs.append((tf, lambda f=family, m=fmt: lora_state_dict(f, m, seed)))
+    for family, tf in CONTROLNETS.items():
+        if family in families:
+            jobs.append((tf, lambda f=family: controlnet_state_dict(f, seed)))
 
     written = {}
     for tf, build in jobs:
