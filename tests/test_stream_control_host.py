@@ -216,3 +216,42 @@ def test_bad_hints_are_clear_errors_and_the_next_prompt_runs(host, tmp_path, cas
     ok["20"] = _stream(["12", 0])
     ok["21"] = {"class_type": "SaveLatent", "inputs": {"samples": ["20", 1], "filename_prefix": "cn/ok"}}
     queue(host, ok, tmp_path / "ok")
+
+
+def _live_prompt(k: int, sid: str, prefix: str) -> dict:
+    """One live frame k of the (repeated) clip with its own Canny hint, on stream ``sid``."""
+    wf = _base()
+    wf["30"] = {"class_type": "ImageFromBatch", "inputs": {"image": ["12", 0], "batch_index": k, "length": 1}}
+    wf["31"] = {"class_type": "ImageFromBatch", "inputs": {"image": ["13", 0], "batch_index": k, "length": 1}}
+    p, n = _controlled(wf, ["31", 0])
+    inputs = dict(_stream(["30", 0], positive=p, negative=n)["inputs"])
+    inputs.pop("images")
+    inputs.update(image=["30", 0], stream_id=sid)
+    wf["40"] = {"class_type": "TurboStreamLiveImg2Img", "inputs": inputs}
+    wf["41"] = {"class_type": "SaveImage", "inputs": {"images": ["40", 0], "filename_prefix": f"{prefix}{k:02d}"}}
+    return wf
+
+
+def test_free_mid_stream_unloads_the_controlnet_and_the_stream_goes_on(host, tmp_path):
+    """POST /free (unload_models) between two frames: the host unloads the UNet and the ControlNet and loads
+    both again for the next frame; the live stream and its frames' hints survive, so every frame equals the
+    undisturbed stream's."""
+    import numpy as np
+    from PIL import Image
+
+    run = f"cn/{uuid.uuid4().hex[:6]}"
+    for tag in ("ref", "free"):
+        sid = f"cn-{tag}-{uuid.uuid4().hex[:6]}"
+        for k in range(6):
+            if tag == "free" and k == 3:
+                before = len(host.log_text())
+                status, _ = host.post_json("/free", {"unload_models": True})
+                assert status == 200
+            queue(host, _live_prompt(k, sid, f"{run}/{tag}"), tmp_path / f"{tag}{k}")
+            if tag == "free" and k == 3:
+                reloaded = host.log_text()[before:]
+    assert "ControlNet" in reloaded and "BaseModel" in reloaded, reloaded[-2000:]  # both loaded again
+    for k in range(6):
+        [a] = host.output_dir.glob(f"{run}/ref{k:02d}_*.png")
+        [b] = host.output_dir.glob(f"{run}/free{k:02d}_*.png")
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), k
