@@ -2,7 +2,7 @@
 
 import logging
 
-from . import add_distill, add_sampler, lcm_lora, live, stream_batch, tiny_vae
+from . import add_distill, add_sampler, conditioning, lcm_lora, live, stream_batch, tiny_vae
 
 logger = logging.getLogger("turbostream")
 
@@ -11,6 +11,7 @@ ALL_NODES: list = [
     *tiny_vae.NODES,
     *lcm_lora.NODES,
     *stream_batch.NODES,
+    *conditioning.NODES,
     *live.NODES,
     *add_distill.NODES,
 ]

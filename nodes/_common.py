@@ -72,6 +72,16 @@ SEARCH_ALIASES: dict[str, list[str]] = {
     "TurboStreamLiveImg2Img": [*_STREAM, "live", "webcam", "camera", "img2img"],
     "TurboStreamLiveInput": ["webcam", "camera", "live", "video input", "stream input", "obs"],
     "TurboStreamLiveOutput": ["webcam", "live", "live view", "preview", "stream output", "obs"],
+    "TurboStreamConditioningBlend": [
+        "prompt blend",
+        "blend prompts",
+        "slerp",
+        "lerp",
+        "interpolate prompts",
+        "prompt travel",
+        "morph",
+        "conditioning average",
+    ],
     "TurboStreamADDDistill": [
         "add",
         "adversarial diffusion distillation",

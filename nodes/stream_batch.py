@@ -162,8 +162,8 @@ def _check_negative(node: str, cfg_type: str, guidance: float, negative) -> None
         )
 
 
-def _engine(node, model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape) -> core.StreamEngine:
-    config = core.StreamConfig(
+def _config(timesteps, f, cfg_type, guidance, delta, add_noise, seed) -> core.StreamConfig:
+    return core.StreamConfig(
         timesteps=timesteps,
         frame_buffer_size=f,
         cfg_type=cfg_type,
@@ -172,8 +172,11 @@ def _engine(node, model, timesteps, f, cfg_type, guidance, delta, add_noise, see
         add_noise=add_noise,
         seed=seed,
     )
+
+
+def _engine(node, model, timesteps, f, cfg_type, guidance, delta, add_noise, seed, latent_shape) -> core.StreamEngine:
     return core.StreamEngine(
-        config,
+        _config(timesteps, f, cfg_type, guidance, delta, add_noise, seed),
         host_schedule(model, timesteps, f),
         latent_shape,
         device=comfy.model_management.intermediate_device(),
@@ -287,6 +290,20 @@ def _model_inputs() -> list:
     ]
 
 
+def _feedback_input():
+    return optional(
+        io.Float.Input,
+        "feedback",
+        default=0.0,
+        min=0.0,
+        max=1.0,
+        step=0.05,
+        tooltip="Temporal feedback: blend the latest finished output (its latent) into each new frame's latent "
+        "before it enters the stream, z = (1 - feedback) z + feedback x0_prev. 0 = off; 0.2-0.5 steadies "
+        "flicker, higher smears motion.",
+    )
+
+
 def _negative_input():
     return io.Conditioning.Input(
         "negative",
@@ -336,6 +353,7 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
                 *_stream_inputs("32,45", "self"),
                 *_filter_inputs(),
                 _negative_input(),
+                _feedback_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="One decoded frame per input frame, in order."),
@@ -366,12 +384,13 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
         delta=1.0,
         index_mode="lcm_index",
         negative=None,
+        feedback=0.0,
     ) -> io.NodeOutput:
         node = "TurboStreamStreamImg2Img"
         check_option(node, "cfg_type", cfg_type, core.CFG_TYPES)
         check_numbers(
             cls, guidance=guidance, delta=delta, frame_buffer_size=frame_buffer_size, seed=seed,
-            similarity_threshold=similarity_threshold, max_skip_frames=max_skip_frames,
+            similarity_threshold=similarity_threshold, max_skip_frames=max_skip_frames, feedback=feedback,
         )  # fmt: skip
         timesteps = _timesteps(node, t_index_list, index_mode)
         if images.ndim != 4 or images.shape[0] == 0:
@@ -412,6 +431,7 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
             skip=skip,
             on_call=lambda done, total: pbar.update_absolute(done, total),
             payloads=_group_payloads(payloads, len(groups), f, pad),
+            feedback=feedback,
         )
         x0 = _to_raw(model, torch.cat(outs)[:count])
         return io.NodeOutput(tiny_decode(node, vae, x0), {"samples": x0})
@@ -501,22 +521,15 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
 
 
 # -- live img2img -------------------------------------------------------------------------------------------
-_SIGNATURE_FIELDS = ("the model's patches", "t_index_list", "frame_buffer_size", "seed", "the frame size",
-                     "index_mode", "add_noise")  # fmt: skip
+_SIGNATURE_FIELDS = ("the model's patches", "frame_buffer_size", "the frame size")
 
 
-def _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise) -> tuple:
+def _signature(model, f, latent_shape) -> tuple:
     """What a stream's state depends on besides the model objects (:func:`_model_refs`): change any of
-    these and the stream restarts (the fields are named in :data:`_SIGNATURE_FIELDS`)."""
-    return (
-        len(model.patches),
-        tuple(timesteps),
-        f,
-        seed,
-        tuple(latent_shape),
-        index_mode,
-        add_noise,
-    )
+    these and the stream restarts (the fields are named in :data:`_SIGNATURE_FIELDS`). Steps, seed and
+    add_noise change in place (:meth:`StreamEngine.retarget`); prompt, guidance, delta, filter and
+    feedback apply to the next call as they are."""
+    return (len(model.patches), f, tuple(latent_shape))
 
 
 def _model_refs(model) -> tuple[weakref.ref, weakref.ref]:
@@ -545,6 +558,17 @@ def _restart_reason(entry, sig: tuple, model, size: list[int]) -> str | None:
     return " and ".join(changed) + " changed"
 
 
+def _retarget(node, stream_id, model, engine, flt, old: dict, new: dict, cfg_type, guidance, delta) -> None:
+    """New steps, seed or add_noise on a running live stream: carried over in place, logged (no restart)."""
+    f = engine.config.frame_buffer_size
+    config = _config(new["timesteps"], f, cfg_type, guidance, delta, new["add_noise"], new["seed"])
+    carried = engine.retarget(config, host_schedule(model, new["timesteps"], f))
+    if new["seed"] != old["seed"]:
+        flt.generator = torch.Generator().manual_seed(new["seed"])
+    changes = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k])
+    logger.info("%s: stream %s goes on with %s (no restart): %s", node, stream_id, changes, carried)
+
+
 class TurboStreamLiveImg2Img(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -556,9 +580,9 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 "The stream engine with state kept across prompts, keyed by stream_id: queue one frame per "
                 "prompt to stream continuously. Output lags the input by len(t_index_list) - 1 frames; "
                 "during the first calls the newest frame's one-step result is shown instead of nothing. "
-                "Prompt, guidance, delta and filter changes apply in place; a new model (or LoRA), frame size, "
-                "t_index_list, seed, frame_buffer_size, index_mode or add_noise restarts it (logged with the "
-                "reason)."
+                "Prompt, guidance, delta, filter and feedback changes apply in place; a new t_index_list "
+                "(strength), seed or add_noise is carried over in place, with no warm-up frames (logged); a new "
+                "model (or LoRA), frame size or frame_buffer_size restarts it (logged with the reason)."
             ),
             not_idempotent=True,
             inputs=[
@@ -572,6 +596,7 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 *_stream_inputs("32,45", "self"),
                 *_filter_inputs(),
                 _negative_input(),
+                _feedback_input(),
             ],
             outputs=[
                 io.Image.Output(
@@ -615,13 +640,14 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
         delta=1.0,
         index_mode="lcm_index",
         negative=None,
+        feedback=0.0,
     ) -> io.NodeOutput:
         node = "TurboStreamLiveImg2Img"
         check_stream_id(node, stream_id)
         check_option(node, "cfg_type", cfg_type, core.CFG_TYPES)
         check_numbers(
             cls, guidance=guidance, delta=delta, frame_buffer_size=frame_buffer_size, seed=seed,
-            similarity_threshold=similarity_threshold, max_skip_frames=max_skip_frames,
+            similarity_threshold=similarity_threshold, max_skip_frames=max_skip_frames, feedback=feedback,
         )  # fmt: skip
         timesteps = _timesteps(node, t_index_list, index_mode)
         f = frame_buffer_size
@@ -635,7 +661,8 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
         _check_negative(node, cfg_type, guidance, negative)
         channels = model.get_model_object("latent_format").latent_channels
         latent_shape = (channels, image.shape[1] // 8, image.shape[2] // 8)
-        sig = _signature(model, timesteps, f, seed, latent_shape, index_mode, add_noise)
+        sig = _signature(model, f, latent_shape)
+        settings = {"timesteps": list(timesteps), "seed": seed, "add_noise": add_noise}
         entry = REGISTRY.get(stream_id)
         reason = entry and _restart_reason(entry, sig, model, list(image.shape[1:3]))
         if reason:
@@ -650,11 +677,18 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
             }
             engine = state["engine"]
             nbytes = sum(t.numel() * t.element_size() for t in (engine.init_noise, engine.buffer, engine.stock_noise))
-            entry = REGISTRY.put(stream_id, state, nbytes=nbytes, signature=sig, size=list(image.shape[1:3]), frames=0)
+            entry = REGISTRY.put(
+                stream_id, state, nbytes=nbytes, signature=sig, size=list(image.shape[1:3]), frames=0, settings=settings
+            )
         state = entry.value
         engine, flt = state["engine"], state["filter"]
         # All or nothing: an interrupt or error mid-frame leaves the stream as it was before the frame.
         with core.transaction(engine, engine.config, flt, state, entry.meta):
+            if entry.meta.get("settings") != settings:
+                _retarget(
+                    node, stream_id, model, engine, flt, entry.meta["settings"], settings, cfg_type, guidance, delta
+                )
+                entry.meta["settings"] = settings
             engine.config.cfg_type, engine.config.guidance, engine.config.delta = cfg_type, guidance, delta
             flt.threshold, flt.max_skip_frames = similarity_threshold, max_skip_frames
             entry.meta["frames"] += 1
@@ -667,7 +701,7 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 # each frame's ControlNet hints enter the stream with it and stay with it to the end
                 payload = frame_payloads(node, f, image.shape[1], image.shape[2], model, positive, negative)
                 denoise = control_denoiser(host_denoiser(model, seed), model, positive, negative)
-                finished = engine.img2img(z, denoise, positive, negative, payload=payload)
+                finished = engine.img2img(z, denoise, positive, negative, payload=payload, feedback=feedback)
                 # warm-up: the buffer holds no finished frame yet; show the newest frame's one-step estimate
                 x0 = finished if engine.calls > engine.lag else engine.last_first_x0
                 out = tiny_decode(node, vae, _to_raw(model, x0))

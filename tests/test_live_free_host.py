@@ -129,15 +129,15 @@ def test_a_reloaded_model_restarts_the_stream(pack):
             return self.sampling
 
     old = Model()
-    sig = (0, (359, 99), 1, 5, (4, 8, 8), "lcm_index", True)
+    sig = (0, 1, (4, 8, 8))
     entry = pack.turbostream.registry.Entry({"model_refs": nodes._model_refs(old)}, 0, 0.0, 0.0, {"signature": sig})
     entry.meta["size"] = [64, 64]
     assert nodes._restart_reason(entry, sig, old, [64, 64]) is None
-    new_seed = (0, (359, 99), 1, 6, (4, 8, 8), "lcm_index", True)
-    assert nodes._restart_reason(entry, new_seed, old, [64, 64]) == "seed changed"
-    new_steps = (0, (399, 99), 1, 6, (4, 8, 8), "lcm_index", False)
-    assert nodes._restart_reason(entry, new_steps, old, [64, 64]) == "t_index_list and seed and add_noise changed"
-    assert nodes._restart_reason(entry, new_seed, old, [64, 72]) == "the frame size changed"  # in the signature too
+    new_f = (0, 2, (4, 8, 8))
+    assert nodes._restart_reason(entry, new_f, old, [64, 64]) == "frame_buffer_size changed"
+    new_lora = (118, 2, (4, 8, 8))
+    assert nodes._restart_reason(entry, new_lora, old, [64, 64]) == "the model's patches and frame_buffer_size changed"
+    assert nodes._restart_reason(entry, new_f, old, [64, 72]) == "the frame size changed"  # in the signature too
     assert nodes._restart_reason(entry, sig, Model(), [64, 64]) == "the model changed"
     del old
     gc.collect()

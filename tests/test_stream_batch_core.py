@@ -281,3 +281,70 @@ def test_a_failed_frame_leaves_the_stream_untouched():
     assert torch.equal(flt.generator.get_state(), flt2.generator.get_state())
     assert torch.equal(flt.reference, flt2.reference)
     assert not torch.equal(outs[-1], ref[-1])  # the failed frame really was left out
+
+
+def _retarget_run(old, new, k_change=4, more=5, cfg_type="self", seed_new=None, f=1):
+    """Engine A: frames 0..k-1 with ``old`` t_index list, then retargeted to ``new`` (and seed) for the rest;
+    engine B: fresh with the new settings, fed frames k.. only. Returns (A outputs after the change, B outputs)."""
+    frames = torch.randn(k_change + more, f, *SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    denoise, _ = make_denoiser()
+    a = make_engine(sb.lcm_timesteps(old), f=f, cfg_type=cfg_type, guidance=1.3, add_noise=True, seed=1)
+    for z in frames[:k_change]:
+        a.img2img(z, denoise, cond=1.0)
+    seed = 1 if seed_new is None else seed_new
+    b = make_engine(sb.lcm_timesteps(new), f=f, cfg_type=cfg_type, guidance=1.3, add_noise=True, seed=seed)
+    message = a.retarget(b.config, b.schedule)
+    outs_a = [a.img2img(z, denoise, cond=1.0) for z in frames[k_change:]]
+    outs_b = [b.img2img(z, denoise, cond=1.0) for z in frames[k_change:]]
+    return outs_a, outs_b, message, a
+
+
+@pytest.mark.parametrize("f", [1, 2])
+@pytest.mark.parametrize(
+    "old,new,seed",
+    [
+        ([32, 45], [20, 45], None),
+        ([20, 45], [25, 35, 45], None),
+        ([25, 35, 45], [32, 45], None),
+        ([32, 45], [32, 45], 9),
+    ],
+)
+def test_retarget_keeps_the_stream_and_converges_to_a_fresh_one(old, new, seed, f):
+    """A new step list (or seed) mid-stream: no restart; from len(new) - 1 calls after the change on, every
+    output equals a stream started fresh on the same frames with the new settings (RCFG self)."""
+    outs_a, outs_b, message, engine = _retarget_run(old, new, seed_new=seed, f=f)
+    lag = len(new) - 1
+    for i in range(lag, len(outs_a)):
+        torch.testing.assert_close(outs_a[i], outs_b[i], rtol=1e-10, atol=1e-10)
+    assert engine.calls == 4 + len(outs_a) and engine.lag == lag
+    assert "carried to timesteps" in message and f"seed {1 if seed is None else seed}" in message
+    # the first outputs after the change come from real buffered frames, not from an empty buffer
+    fresh = make_engine(sb.lcm_timesteps(new), f=f, cfg_type="self", guidance=1.3, add_noise=True, seed=1)
+    empty_out = fresh.img2img(torch.zeros(f, *SHAPE, dtype=torch.float64), make_denoiser()[0], cond=1.0)
+    for i in range(lag):
+        assert not torch.allclose(outs_a[i], empty_out), i
+
+
+def test_retarget_refuses_a_new_frame_group_size():
+    a = make_engine(sb.lcm_timesteps([32, 45]), f=1)
+    b = make_engine(sb.lcm_timesteps([32, 45]), f=2)
+    with pytest.raises(ValueError, match="keeps frame_buffer_size"):
+        a.retarget(b.config, b.schedule)
+
+
+def test_feedback_blends_the_last_finished_output_into_the_next_input():
+    engine = make_engine(sb.lcm_timesteps([32, 45]), add_noise=True)
+    seen = []
+
+    def denoise(x, t, cond):
+        seen.append(x[:1].clone())
+        return x * 0.5
+
+    z = torch.randn(3, 1, *SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    engine.img2img(z[0], denoise, cond=None, feedback=0.4)  # nothing has left the stream yet
+    engine.img2img(z[1], denoise, cond=None, feedback=0.4)  # call 0 gave out the empty buffer: not a frame
+    for i in (0, 1):
+        torch.testing.assert_close(seen[i], engine.first_slot_img2img(z[i]))
+    previous = engine.last_finished.clone()  # frame 0, finished in call 1
+    engine.img2img(z[2], denoise, cond=None, feedback=0.4)
+    torch.testing.assert_close(seen[2], engine.first_slot_img2img(0.6 * z[2] + 0.4 * previous))

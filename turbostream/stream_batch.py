@@ -252,6 +252,13 @@ class StreamEngine:
     evaluations: int = 0
     last_first_x0: torch.Tensor | None = None
     """x0 of the newest group in the last call (a one-step estimate; shown while a live stream warms up)."""
+    last_x0: torch.Tensor | None = None
+    """x0 of every slot in the last call (step-major): where :meth:`retarget` carries the buffered frames from."""
+    last_finished: torch.Tensor | None = None
+    """x0 of the latest group that left the stream as a real frame (what ``feedback`` blends into the next
+    input; None until the first frame is through)."""
+    last_slots: tuple | None = None
+    """The slot payloads of the last call (None: none had one)."""
     oom: OomPolicy = field(default_factory=OomPolicy)
     """Out-of-memory in a denoiser call: evaluate the slots in smaller sub-batches (``turbostream.oom``)."""
     label: str = "stream engine"
@@ -273,6 +280,10 @@ class StreamEngine:
         if tuple(self.init_noise.shape) != shape:
             raise ValueError(f"init_noise must have shape {shape}, got {tuple(self.init_noise.shape)}")
         self.init_noise = self.init_noise.to(self.device, self.dtype)
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        cfg = self.config
         f = cfg.frame_buffer_size
         self.buffer = torch.zeros(((cfg.steps - 1) * f, *self.latent_shape), device=self.device, dtype=self.dtype)
         # RCFG stock noise as the next call uses it: the f newest slots carry the noise they were noised
@@ -375,6 +386,9 @@ class StreamEngine:
         # 4. finished frames out, the rest one step on
         out = x0[-f:]
         self.last_first_x0 = x0[:f]
+        self.last_x0, self.last_slots = x0, slots
+        if self.calls >= self.lag:  # the finished slots hold a real frame (not the empty buffer's)
+            self.last_finished = out
         if cfg.steps > 1:
             nxt = x0[:-f]
             self.buffer = self._col(s.alpha[f:]) * nxt
@@ -400,9 +414,71 @@ class StreamEngine:
         return torch.cat([self.init_noise[:f], s_new[:-f]], dim=0)
 
     def img2img(
-        self, latents: torch.Tensor, denoise: Denoiser, cond: Any, uncond: Any = None, payload: Sequence | None = None
+        self,
+        latents: torch.Tensor,
+        denoise: Denoiser,
+        cond: Any,
+        uncond: Any = None,
+        payload: Sequence | None = None,
+        feedback: float = 0.0,
     ) -> torch.Tensor:
+        """One img2img call for the clean latent group ``latents``.
+
+        ``feedback`` (0-1, temporal feedback in the spirit of the Daydream StreamDiffusion fork's feedback
+        processor): before the group is noised into the first slot, its clean latent is blended with the
+        latest finished output (``last_finished``: x0, in model space, of the group that left the stream in
+        the previous call, ``lag`` frames behind this input): ``z <- (1 - feedback) * z + feedback * x0_prev``.
+        Nothing is blended before the first output exists.
+        """
+        if feedback and self.last_finished is not None:
+            latents = torch.lerp(latents.to(self.device, self.dtype), self.last_finished, float(feedback))
         return self.step(self.first_slot_img2img(latents), denoise, cond, uncond, payload)
+
+    def retarget(self, config: StreamConfig, schedule: SlotSchedule) -> str:
+        """Go on with new steps, seed or noise setting without a restart; returns what was carried, for the log.
+
+        The noise (and the stream's generator) becomes what a fresh stream with ``config`` draws from its
+        seed. Every buffered frame keeps its place in time: the frame fed ``j`` calls before the next call
+        goes to the new step ``j``, re-noised from its current x0 estimate with the new noise
+        (``alpha_j * x0 + beta_j * noise_j``). With more steps than before, the steps past the old ones get
+        the frame that left the stream last (it is shown once more: the lag grew); with fewer, the oldest
+        buffered frames are dropped (the lag shrank). RCFG's stock noise starts again as at the start. After
+        ``steps`` calls the stream equals a fresh one started on the same frames with ``config``.
+        The frame group size cannot change here (the frames in the buffer are grouped by it).
+        """
+        old_steps, f = self.config.steps, self.config.frame_buffer_size
+        if config.frame_buffer_size != f:
+            raise ValueError("retarget keeps frame_buffer_size; a new one needs a new stream")
+        x0, slots, calls = self.last_x0, self.last_slots, self.calls
+        self.config, self.schedule = config, schedule
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        shape = (config.slots, *self.latent_shape)
+        self.init_noise = torch.randn(shape, generator=self.generator, dtype=torch.float32).to(self.device, self.dtype)
+        self._reset_buffers()
+        carried = repeated = 0
+        if x0 is not None and config.steps > 1:
+            groups, payloads = [], []
+            for j in range(1, config.steps):
+                source = min(j - 1, old_steps - 1)
+                if source >= calls:  # that slot held no frame yet (a young stream)
+                    groups.append(torch.zeros_like(x0[:f]))
+                    payloads += [None] * f
+                    continue
+                carried += source == j - 1
+                repeated += source != j - 1
+                groups.append(x0[source * f : (source + 1) * f])
+                payloads += list(slots[source * f : (source + 1) * f]) if slots is not None else [None] * f
+            estimates = torch.cat(groups, dim=0)
+            self.buffer = self._col(schedule.alpha[f:]) * estimates
+            if config.add_noise:
+                self.buffer = self.buffer + self._col(schedule.beta[f:]) * self.init_noise[f:]
+            self.buffer_payload = tuple(payloads)
+        self.last_x0 = self.last_slots = None
+        return (
+            f"{carried} buffered frame group(s) carried to timesteps {list(config.timesteps)}"
+            + (f", {repeated} step(s) given the last finished frame again" if repeated else "")
+            + f", noise from seed {config.seed}"
+        )
 
     def txt2img(
         self,
@@ -449,12 +525,14 @@ def stream_frames(
     skip: Sequence[bool] | None = None,
     on_call: Callable[[int, int], None] | None = None,
     payloads: Sequence[Sequence | None] | None = None,
+    feedback: float = 0.0,
 ) -> list[torch.Tensor]:
     """Run a whole clip through the stream and return one output per group, aligned (no lag).
 
     ``groups[i]`` is a clean latent group ``(f, C, H, W)`` for img2img, or ``None`` for txt2img.
     ``skip[i]`` (similarity filter) reuses the previous group's output instead of feeding group i.
     ``payloads[i]``: the group's per-frame payloads (see :meth:`StreamEngine.step`), or None.
+    ``feedback``: see :meth:`StreamEngine.img2img` (the drain calls blend too, as a live stream would).
     The pipeline is drained: ``lag`` extra calls feed the last group again (with its payloads) and
     their extra outputs are dropped; the first ``lag`` outputs (from the empty buffer) are dropped too.
     """
@@ -471,7 +549,7 @@ def stream_frames(
         if group is None:
             out = engine.txt2img(denoise, cond, uncond, payload=payload)
         else:
-            out = engine.img2img(group, denoise, cond, uncond, payload=payload)
+            out = engine.img2img(group, denoise, cond, uncond, payload=payload, feedback=feedback)
         if call >= engine.lag and len(results) < len(fed):
             results.append(out)
         if on_call is not None:
