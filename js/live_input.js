@@ -129,6 +129,8 @@ class LiveSession {
       if (idWidget) idWidget.value = id;
       this.streamId = id;
       this.token = body.token;
+      // read-only view of this stream's output (OBS "Browser Source", a second screen): its own token
+      this.viewUrl = body.view_url ? new URL(api.apiURL(body.view_url), location.href).href : null;
       return;
     }
     throw new Error(`stream id ${base} and its variants are all in use`);
@@ -140,6 +142,7 @@ class LiveSession {
     clearInterval(this.timer);
     this.closeMedia();
     this.message = reason;
+    this.viewUrl = null; // closing the stream ends its views
     if (this.token) {
       const token = this.token;
       this.token = null;
@@ -286,6 +289,18 @@ app.registerExtension({
       );
       toggle.label = "▶ Start live";
       toggle.serialize = false;
+
+      const view = this.addWidget(
+        "button",
+        "view",
+        null,
+        () => {
+          if (session.viewUrl) window.open(session.viewUrl, "_blank", "noopener");
+        },
+        { serialize: false },
+      );
+      view.label = "⧉ Open view (OBS)";
+      view.serialize = false;
 
       const status = this.addWidget("text", "status", "stopped", () => {}, { serialize: false });
       status.serialize = false;

@@ -8,6 +8,7 @@ front-end half is ``js/live_input.js`` (capture, upload, queue with a bounded nu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -30,6 +31,9 @@ SOURCES = core.LiveSources.from_env()
 
 PLACEHOLDER_GRAY = 0.5
 OPEN_BODY_LIMIT = 4096
+VIEW_WAIT_S = 10.0
+"""A view's request for the next frame waits this long before answering 204 (it then asks again)."""
+VIEW_POLL_S = 0.02
 
 
 def _prompt_server():
@@ -227,9 +231,12 @@ class TurboStreamLiveOutput(io.ComfyNode):
         if owner is None and server is not None:
             owner = getattr(server, "client_id", None)  # queued over the API without a live source
         sent = 0
+        jpegs = [core.encode_jpeg(image, quality) for image in images]
+        if jpegs:
+            SOURCES.set_output(stream_id, jpegs[-1])  # what read-only views (OBS) show
         if server is not None and owner:  # never broadcast: sid None would reach every client
             compute_ms = (time.monotonic() - started) * 1000 if frame is not None else None
-            for image in images:
+            for image, jpeg in zip(images, jpegs, strict=True):
                 payload = {
                     "stream_id": stream_id,
                     "node": cls.hidden.unique_id,
@@ -238,7 +245,7 @@ class TurboStreamLiveOutput(io.ComfyNode):
                     "compute_ms": compute_ms,
                     "width": int(image.shape[1]),
                     "height": int(image.shape[0]),
-                    "image": core.encode_preview(image, quality),
+                    "image": core.preview_url(jpeg),
                 }
                 server.send_sync(core.FRAME_EVENT, payload, owner)
                 sent += 1
@@ -315,6 +322,8 @@ def register_routes() -> None:
             {
                 "stream_id": stream_id,
                 "token": token,
+                "view_token": SOURCES.view_token(stream_id, token),
+                "view_url": f"/turbostream/live/{stream_id}/view?token={SOURCES.view_token(stream_id, token)}",
                 "max_bytes": SOURCES.max_bytes,
                 "max_pixels": SOURCES.max_pixels,
                 "ring_size": core.RING_SIZE,
@@ -342,6 +351,42 @@ def register_routes() -> None:
         except core.LiveError as exc:
             return error(exc)
         return web.json_response({"closed": True})
+
+    @server.routes.get("/turbostream/live/{stream_id}/view")
+    async def view_page(request):
+        """A full-window page showing only this stream's output frames (an OBS Browser Source)."""
+        stream_id = request.match_info["stream_id"]
+        try:
+            SOURCES.read_output(stream_id, request.query.get("token"), after=1 << 62)  # 403 / 404 checks
+        except core.LiveError as exc:
+            return error(exc)
+        return web.Response(text=core.view_html(stream_id), content_type="text/html")
+
+    @server.routes.get("/turbostream/live/{stream_id}/latest")
+    async def latest_output(request):
+        """The newest output frame after ``after`` (JPEG), waiting up to ~10 s for one (204: none yet)."""
+        stream_id = request.match_info["stream_id"]
+        try:
+            after = int(request.query.get("after", "-1"))
+        except ValueError:
+            return web.json_response({"error": "after must be an integer"}, status=400)
+        deadline = time.monotonic() + VIEW_WAIT_S
+        while True:
+            try:
+                found = SOURCES.read_output(stream_id, request.query.get("token"), after)
+            except core.LiveError as exc:
+                return error(exc)
+            if found is not None:
+                seq, jpeg = found
+                headers = {
+                    "X-TurboStream-Seq": str(seq),
+                    "X-TurboStream-Stream": stream_id,
+                    "Cache-Control": "no-store",
+                }
+                return web.Response(body=jpeg, content_type="image/jpeg", headers=headers)
+            if time.monotonic() > deadline:
+                return web.Response(status=204, headers={"Cache-Control": "no-store"})
+            await asyncio.sleep(VIEW_POLL_S)
 
     @server.routes.get("/turbostream/live")
     async def list_sources(request):

@@ -258,3 +258,57 @@ def test_node_docs_panel_shows_the_pack_page(browser, host):
     finally:
         context.close()
     assert not errors, errors
+
+
+def test_read_only_view_for_obs(browser, host):
+    """The tab that owns a live stream opens a read-only view URL (its own token): in a second browser
+    context it shows that stream's output frames only, full window, and stops when the stream closes; a
+    missing or wrong view token gets 403."""
+    import urllib.error
+    import urllib.request
+
+    ctx_a, page_a, errors_a = open_live_workflow(browser, host, 1280, 800)
+    ctx_b, page_b, errors_b = open_live_workflow(browser, host, 800, 600)
+    ctx_v = browser.new_context(viewport={"width": 640, "height": 360})
+    try:
+        start_or_stop(page_a)
+        start_or_stop(page_b)
+        a = wait_for_frames(page_a, 2)
+        wait_for_frames(page_b, 2)
+        view_url = page_a.evaluate("() => window.ts.node('TurboStreamLiveInput').turbostreamLive.viewUrl")
+        assert view_url and "/view?token=" in view_url
+        view = ctx_v.new_page()
+        view_errors: list[str] = []
+        view.on("pageerror", lambda exc: view_errors.append(str(exc)))
+        view.goto(view_url)
+        view.wait_for_function("() => window.__tsView && window.__tsView.frames >= 3", timeout=120_000)
+        seen = view.evaluate("() => [...new Set(window.__tsView.streams)]")
+        assert seen == [a["streamId"]], "the view shows that stream only"
+        assert view.locator("#frame").bounding_box()["width"] == 640, "full window"
+
+        stream_path = view_url.split("/view?", 1)[0].split(host.url, 1)[-1]
+        for bad in ("", "?token=", "?token=not-the-token"):
+            for route in ("/latest", "/view"):
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(f"{host.url}{stream_path}{route}{bad}", timeout=15)
+                assert err.value.code == 403, (route, bad)
+        upload_token = view_url.split("token=", 1)[1]
+        req = urllib.request.Request(
+            f"{host.url}{stream_path}/close", method="POST", headers={"X-TurboStream-Token": upload_token}
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:  # the view token cannot close (or feed) the stream
+            urllib.request.urlopen(req, timeout=15)
+        assert err.value.code == 403
+
+        start_or_stop(page_a)  # stop: the stream closes, the view ends
+        view.wait_for_function("() => window.__tsView.ended", timeout=60_000)
+        frames = view.evaluate("() => window.__tsView.frames")
+        time.sleep(2)
+        assert view.evaluate("() => window.__tsView.frames") == frames
+        assert view.evaluate("() => window.__tsView.status") == 404
+        start_or_stop(page_b)
+    finally:
+        ctx_v.close()
+        ctx_a.close()
+        ctx_b.close()
+    assert not errors_a and not errors_b and not view_errors, errors_a + errors_b + view_errors

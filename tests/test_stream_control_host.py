@@ -248,9 +248,10 @@ def test_free_mid_stream_unloads_the_controlnet_and_the_stream_goes_on(host, tmp
                 status, _ = host.post_json("/free", {"unload_models": True})
                 assert status == 200
             queue(host, _live_prompt(k, sid, f"{run}/{tag}"), tmp_path / f"{tag}{k}")
-            if tag == "free" and k == 3:
-                reloaded = host.log_text()[before:]
-    assert "ControlNet" in reloaded and "BaseModel" in reloaded, reloaded[-2000:]  # both loaded again
+    # the host handles /free between prompts (newer hosts may run the next prompt first): after it, both
+    # models are loaded again
+    reloaded = host.log_text()[before:]
+    assert "Requested to load ControlNet" in reloaded and "Requested to load BaseModel" in reloaded, reloaded[-2000:]
     for k in range(6):
         [a] = host.output_dir.glob(f"{run}/ref{k:02d}_*.png")
         [b] = host.output_dir.glob(f"{run}/free{k:02d}_*.png")

@@ -149,3 +149,13 @@ def test_demo_skips_workflows_whose_models_are_missing(object_info):
         "CheckpointLoaderSimple.ckpt_name=nope.safetensors",
         "TurboStreamTinyVAELoader.vae_name=vae_approx/taesd9",
     ]
+
+
+def test_ui_files_fill_left_out_widgets_with_their_defaults(object_info):
+    """An API file may leave optional inputs out; its UI twin then carries their defaults (a null would be
+    sent back by the front end and refused)."""
+    for path in UI_FILES:
+        for node in load_json(path)["nodes"]:
+            linked = {i["widget"]["name"] for i in node["inputs"] if i.get("widget") and i.get("link") is not None}
+            values = [v for v in node["widgets_values"] if v is not None]
+            assert len(values) + len(linked) == len(node["widgets_values"]), (path.name, node["type"])

@@ -9,6 +9,9 @@ Rules:
 * A stream id (:func:`turbostream.registry.validate_stream_id`) is owned by one websocket client
   id. ``open`` returns a random token; every frame and the ``close`` must carry it, so a frame for
   someone else's stream is refused (403) and output frames are pushed to the owner only.
+* ``open`` also returns a separate read-only *view token*: with it, anyone (an OBS "Browser Source", a
+  second screen) may read that stream's newest output frame, and nothing else; it cannot upload or
+  close. Closing the stream ends the view (404).
 * Frames are bounded before decoding: body bytes (``TURBOSTREAM_LIVE_MAX_BYTES``, 8 MiB), image
   content types only (JPEG, PNG, WebP), and pixels read from the header before any decode
   (``TURBOSTREAM_LIVE_MAX_PIXELS``, 2048x2048; a decompression bomb never gets decoded).
@@ -81,6 +84,10 @@ class LiveSource:
     current: Frame | None = None
     """The frame the running prompt took (set by the LiveInput node, read by LiveOutput)."""
     current_started: float = 0.0
+    view_token: str = ""
+    """Read-only: lets a view read the output frames (never upload or close)."""
+    output: tuple[int, bytes] | None = None
+    """The newest output frame as (sequence number, JPEG bytes), for views."""
 
 
 def check_content_type(content_type: str | None) -> str:
@@ -121,14 +128,24 @@ def decode_frame(data: bytes, content_type: str, max_bytes: int, max_pixels: int
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
 
 
-def encode_preview(image: torch.Tensor, quality: int = 85) -> str:
-    """``(H, W, 3)`` float image in 0..1 → a ``data:image/jpeg;base64,...`` URL."""
+def encode_jpeg(image: torch.Tensor, quality: int = 85) -> bytes:
+    """``(H, W, 3)`` float image in 0..1 → JPEG bytes."""
     from PIL import Image
 
     array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=int(quality))
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def preview_url(jpeg: bytes) -> str:
+    """JPEG bytes → a ``data:image/jpeg;base64,...`` URL."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def encode_preview(image: torch.Tensor, quality: int = 85) -> str:
+    """``(H, W, 3)`` float image in 0..1 → a ``data:image/jpeg;base64,...`` URL."""
+    return preview_url(encode_jpeg(image, quality))
 
 
 def fit_frame(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -212,9 +229,42 @@ class LiveSources:
                     429, f"{self.max_sources} live sources are open; close one or wait for idle ones to expire"
                 )
             token = secrets.token_urlsafe(24)
-            self._sources[stream_id] = LiveSource(stream_id, client_id, token, last_used=self.clock())
+            view_token = secrets.token_urlsafe(24)
+            self._sources[stream_id] = LiveSource(
+                stream_id, client_id, token, last_used=self.clock(), view_token=view_token
+            )
         logger.info("live source %s opened", stream_id)
         return token
+
+    def view_token(self, stream_id: str, token: str | None) -> str:
+        """The read-only view token of ``stream_id``, for its owner (``token``)."""
+        with self._lock:
+            return self._owned(stream_id, token).view_token
+
+    def set_output(self, stream_id: str, jpeg: bytes) -> None:
+        """Keep ``jpeg`` as the stream's newest output frame (for views); no-op for an unknown stream."""
+        with self._lock:
+            src = self._sources.get(stream_id)
+            if src is not None:
+                seq = src.output[0] + 1 if src.output is not None else 0
+                src.output = (seq, jpeg)
+
+    def read_output(self, stream_id: str, view_token: str | None, after: int = -1) -> tuple[int, bytes] | None:
+        """The newest output frame newer than ``after`` for a view holding ``view_token`` (None: none yet).
+
+        Raises :class:`LiveError` 404 when there is no such stream (never opened, closed or expired) and
+        403 for a missing or wrong view token: a view never sees another stream's frames.
+        """
+        _check_stream_id(stream_id)
+        with self._lock:
+            src = self._sources.get(stream_id)
+            if src is None:
+                raise LiveError(404, f"no live stream {stream_id!r}: it has ended (or never started)")
+            if not view_token or not hmac.compare_digest(src.view_token, view_token):
+                raise LiveError(403, f"missing or wrong view token for stream {stream_id!r}")
+            if src.output is None or src.output[0] <= after:
+                return None
+            return src.output
 
     def _owned(self, stream_id: str, token: str | None) -> LiveSource:
         _check_stream_id(stream_id)
@@ -297,6 +347,58 @@ class LiveSources:
     def clear(self) -> None:
         with self._lock:
             self._sources.clear()
+
+
+VIEW_PAGE = r"""<!doctype html>
+<html><head><meta charset="utf-8"><title>TurboStream · {title}</title>
+<style>html,body{{margin:0;height:100%;background:#000;overflow:hidden}}
+img{{width:100%;height:100%;object-fit:contain;display:block}}
+#ended{{display:none;position:fixed;inset:0;color:#888;font:16px sans-serif;
+align-items:center;justify-content:center}}</style></head>
+<body><img id="frame" alt=""><div id="ended">the stream has ended</div>
+<script>
+// Read-only view of one stream's output frames (an OBS Browser Source): waits for each newer frame.
+const params = new URLSearchParams(location.search);
+const base = location.pathname.replace(/\/view$/, "/latest");
+const img = document.getElementById("frame");
+window.__tsView = {{frames: 0, streams: [], ended: false, status: null}};
+let after = -1;
+async function next() {{
+  for (;;) {{
+    let res;
+    try {{
+      res = await fetch(`${{base}}?token=${{encodeURIComponent(params.get("token") || "")}}&after=${{after}}`,
+                        {{cache: "no-store"}});
+    }} catch (err) {{
+      await new Promise((r) => setTimeout(r, 1000));
+      continue;
+    }}
+    window.__tsView.status = res.status;
+    if (res.status === 204) continue;
+    if (!res.ok) {{
+      window.__tsView.ended = true;
+      document.getElementById("ended").style.display = "flex";
+      img.style.display = "none";
+      return;
+    }}
+    after = Number(res.headers.get("X-TurboStream-Seq"));
+    window.__tsView.streams.push(res.headers.get("X-TurboStream-Stream"));
+    const url = URL.createObjectURL(await res.blob());
+    const old = img.src;
+    img.src = url;
+    if (old) URL.revokeObjectURL(old);
+    window.__tsView.frames += 1;
+  }}
+}}
+next();
+</script></body></html>
+"""
+
+
+def view_html(stream_id: str) -> str:
+    """The view page for ``stream_id`` (the id is validated: letters, digits, ``_ . -`` only)."""
+    _check_stream_id(stream_id)
+    return VIEW_PAGE.format(title=stream_id)
 
 
 def _check_stream_id(stream_id: str) -> None:

@@ -121,6 +121,9 @@ def api_to_ui(api: dict[str, Any], object_info: dict[str, Any]) -> dict[str, Any
                     raise ValueError(f"node {nid} ({node['class_type']}): required input {name!r} is not connected")
                 ui["inputs"].append({"name": name, "type": _spec_type(spec), "link": None})
             if widget:
+                if value is None and not linked:  # left out of the API file: the input's default
+                    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                    value = opts.get("default")
                 ui["widgets_values"].append(None if linked else value)
                 if _has_control_widget(spec):
                     ui["widgets_values"].append("fixed")
