@@ -165,6 +165,12 @@ GOOD_INPUTS: dict[str, dict] = {
     "TurboStreamStreamImg2Img": _stream_inputs(images=["img", 0], **FILTER),
     "TurboStreamStreamTxt2Img": _stream_inputs(width=64, height=64, frames=1),
     "TurboStreamLiveImg2Img": _stream_inputs(image=["img", 0], stream_id=f"{TOKEN}-live", **FILTER),
+    "TurboStreamConditioningBlend": {
+        "conditioning_a": ["pos", 0],
+        "conditioning_b": ["neg", 0],
+        "weight": 0.5,
+        "method": "slerp",
+    },
     "TurboStreamLiveInput": {"stream_id": f"{TOKEN}-in", "width": 64, "height": 64, "fps": 10, "max_in_flight": 2},
     "TurboStreamLiveOutput": {
         "images": ["img", 0],
@@ -286,6 +292,10 @@ FILTER_ROWS = [
     ("over-max", "similarity_threshold", {"similarity_threshold": 2.0}, "400"),
     ("negative", "max_skip_frames", {"max_skip_frames": -1}, "400"),
 ]
+FEEDBACK_ROWS = [
+    ("over-max", "feedback", {"feedback": 2.0}, "400"),
+    ("nan", "feedback", {"feedback": "nan"}, "error"),
+]
 
 CASES: list[Case] = [
     *_cases(
@@ -399,6 +409,7 @@ CASES: list[Case] = [
         [
             *STREAM_ROWS,
             *FILTER_ROWS,
+            *FEEDBACK_ROWS,
             ("60x60", "images", {"images": ["img60", 0]}, "error", "multiples of 8"),
             ("1-pixel", "images", {"images": ["img1", 0]}, "error", "multiples of 8"),
             ("wrong-link", "images", {"images": ["lat", 0]}, "400"),
@@ -422,12 +433,23 @@ CASES: list[Case] = [
         [
             *STREAM_ROWS,
             *FILTER_ROWS,
+            *FEEDBACK_ROWS,
             ("path", "stream_id", {"stream_id": "../etc"}, "400"),
             ("empty", "stream_id", {"stream_id": ""}, "400"),
             ("nul", "stream_id", {"stream_id": "cam\x00"}, "400"),
             ("linked-path", "stream_id", {"stream_id": LINK_PATH}, "error"),
             ("60x60", "image", {"image": ["img60", 0]}, "error", "multiples of 8"),
             ("2-frames-for-1", "image", {"image": ["img2", 0]}, "error", "frame_buffer_size"),
+        ],
+    ),
+    *_cases(
+        "TurboStreamConditioningBlend",
+        [
+            ("over-max", "weight", {"weight": 2.0}, "400"),
+            ("nan", "weight", {"weight": "nan"}, "error"),
+            ("unknown", "method", {"method": "cubic"}, "either"),
+            ("wrong-link", "conditioning_a", {"conditioning_a": ["lat", 0]}, "400"),
+            ("wrong-link", "conditioning_b", {"conditioning_b": ["ckpt", 0]}, "400"),
         ],
     ),
     *_cases(
