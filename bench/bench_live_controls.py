@@ -19,32 +19,14 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from harness import Comparison, import_pack, interleaved  # noqa: E402
-
-from turbostream import host as host_mod  # noqa: E402
-from turbostream import tiny_models  # noqa: E402
-from turbostream.cli import TINY_MODELS_DIR  # noqa: E402
+from harness import Comparison, host_in_process, interleaved, tiny_lcm_sd15  # noqa: E402
 
 FRAMES, SIZE = 16, 64
 
 
 def _setup():
-    host = host_mod.ensure_host()
-    tiny_models.make_all(TINY_MODELS_DIR, host)
-    tiny_models._import_host(host)
-    import comfy.sd
-    import comfy.utils
-    import folder_paths
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
-
-    import nodes as host_nodes
-
-    for folder in ("checkpoints", "vae_approx", "loras"):
-        folder_paths.add_model_folder_path(folder, str(TINY_MODELS_DIR / folder))
-    pack = import_pack()
-    model, clip, _ = host_nodes.CheckpointLoaderSimple().load_checkpoint(tiny_models.CHECKPOINTS["sd15"].name)
-    lora = comfy.utils.load_torch_file(str(TINY_MODELS_DIR / "loras" / "tiny-sd15-kohya.safetensors"))
-    lcm = ModelSamplingDiscrete().patch(comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0], "lcm", False)[0]
+    pack, host_nodes = host_in_process()
+    lcm, clip = tiny_lcm_sd15(host_nodes)
     encode = host_nodes.CLIPTextEncode().encode
     field = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     big = torch.nn.functional.interpolate(field, size=(SIZE * 2, SIZE * 2), mode="bicubic", align_corners=False)

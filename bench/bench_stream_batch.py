@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from harness import Comparison, import_pack, interleaved  # noqa: E402
+from harness import Comparison, host_in_process, interleaved, lcm_sampling, tiny_lcm_sd15  # noqa: E402
 
 from turbostream import host as host_mod  # noqa: E402
 from turbostream import tiny_models  # noqa: E402
@@ -32,27 +32,15 @@ FRAMES, SIZE, T_INDEX = 4, 256, "32,45"
 
 
 def _setup():
+    pack, host_nodes = host_in_process()
     host = host_mod.ensure_host()
-    tiny_models.make_all(TINY_MODELS_DIR, host)
     full_vae = tiny_models.make_full_vae(TINY_MODELS_DIR, host)
     real_unet = tiny_models.make_real_sd15_unet(TINY_MODELS_DIR, host)
-    tiny_models._import_host(host)
     import comfy.sd
     import comfy.utils
-    import folder_paths
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
-    import nodes as host_nodes
-
-    for folder in ("checkpoints", "vae_approx", "loras"):
-        folder_paths.add_model_folder_path(folder, str(TINY_MODELS_DIR / folder))
-    pack = import_pack()
-    model, clip, _ = host_nodes.CheckpointLoaderSimple().load_checkpoint(tiny_models.CHECKPOINTS["sd15"].name)
-    lora = comfy.utils.load_torch_file(str(TINY_MODELS_DIR / "loras" / "tiny-sd15-kohya.safetensors"))
-    tiny_lcm = ModelSamplingDiscrete().patch(
-        comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0], "lcm", False
-    )[0]
-    real_lcm = ModelSamplingDiscrete().patch(comfy.sd.load_diffusion_model(str(real_unet)), "lcm", False)[0]
+    tiny_lcm, clip = tiny_lcm_sd15(host_nodes)
+    real_lcm = lcm_sampling(comfy.sd.load_diffusion_model(str(real_unet)))
     encode = host_nodes.CLIPTextEncode().encode
     ctx = {
         "pack": pack,

@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from harness import Comparison, import_pack  # noqa: E402
+from harness import Comparison, host_in_process, lcm_sampling  # noqa: E402
 
 from turbostream import host as host_mod  # noqa: E402
 from turbostream import tiny_models  # noqa: E402
@@ -31,23 +31,15 @@ FRAMES, SIZE, T_INDEX = 4, 256, "32,45"
 
 
 def _setup():
+    pack, host_nodes = host_in_process()
     host = host_mod.ensure_host()
-    tiny_models.make_all(TINY_MODELS_DIR, host)
     real_unet = tiny_models.make_real_sd15_unet(TINY_MODELS_DIR, host)
     real_cn = tiny_models.make_real_sd15_controlnet(TINY_MODELS_DIR, host)
-    tiny_models._import_host(host)
     import comfy.controlnet
     import comfy.sd
-    import folder_paths
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
-    import nodes as host_nodes
-
-    for folder in ("checkpoints", "vae_approx"):
-        folder_paths.add_model_folder_path(folder, str(TINY_MODELS_DIR / folder))
-    pack = import_pack()
     _, clip, _ = host_nodes.CheckpointLoaderSimple().load_checkpoint(tiny_models.CHECKPOINTS["sd15"].name)
-    model = ModelSamplingDiscrete().patch(comfy.sd.load_diffusion_model(str(real_unet)), "lcm", False)[0]
+    model = lcm_sampling(comfy.sd.load_diffusion_model(str(real_unet)))
     encode = host_nodes.CLIPTextEncode().encode
     pos, neg = encode(clip, "a watercolor fox")[0], encode(clip, "blurry")[0]
     frames = torch.rand(FRAMES, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))

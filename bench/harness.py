@@ -91,3 +91,44 @@ def peak_rss_gib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
     return 0.0
+
+
+def host_in_process():
+    """The host's modules in this process with the tiny models registered: ``(pack, host nodes module)``.
+
+    The tiny models are made (cached) first; their folders are added to the host's model paths.
+    """
+    from turbostream import host as host_mod
+    from turbostream import tiny_models
+    from turbostream.cli import TINY_MODELS_DIR
+
+    host = host_mod.ensure_host()
+    tiny_models.make_all(TINY_MODELS_DIR, host)
+    tiny_models._import_host(host)
+    import folder_paths
+
+    import nodes as host_nodes
+
+    for folder in ("checkpoints", "vae_approx", "loras", "controlnet"):
+        folder_paths.add_model_folder_path(folder, str(TINY_MODELS_DIR / folder))
+    return import_pack(), host_nodes
+
+
+def lcm_sampling(model):
+    """``model`` with the host's ModelSamplingDiscrete ``lcm`` (as an LCM-LoRA workflow sets it)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    return ModelSamplingDiscrete().patch(model, "lcm", False)[0]
+
+
+def tiny_lcm_sd15(host_nodes):
+    """The tiny SD1.5 checkpoint with the tiny LCM-LoRA (host loader) and LCM sampling: ``(model, clip)``."""
+    import comfy.sd
+    import comfy.utils
+
+    from turbostream import tiny_models
+    from turbostream.cli import TINY_MODELS_DIR
+
+    model, clip, _ = host_nodes.CheckpointLoaderSimple().load_checkpoint(tiny_models.CHECKPOINTS["sd15"].name)
+    lora = comfy.utils.load_torch_file(str(TINY_MODELS_DIR / "loras" / "tiny-sd15-kohya.safetensors"))
+    return lcm_sampling(comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0]), clip

@@ -70,19 +70,9 @@ FRONT_END_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": 
 
 
 def open_live_workflow(browser, host, width=1280, height=800):
-    for key, value in FRONT_END_SETTINGS.items():
-        host.post_json(f"/settings/{key}", value)
-    context = browser.new_context(viewport={"width": width, "height": height})
-    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(host.url, wait_until="domcontentloaded")
     # The node definitions register after the graph exists: load the workflow only once ours are there.
-    page.wait_for_function(
-        "() => window.comfyAPI?.api?.api?.clientId && window.LiteGraph?.registered_node_types?.TurboStreamLiveOutput",
-        timeout=90_000,
-    )
+    context, page, errors = _open_front_end(browser, host, width, height)
+    page.wait_for_function("() => window.comfyAPI?.api?.api?.clientId", timeout=90_000)
     page.evaluate(JS_HELPERS)
     page.evaluate("(wf) => window.ts.app().loadGraphData(wf)", json.loads(UI_WORKFLOW.read_text()))
     page.keyboard.press("Escape")  # any start-up dialog
@@ -165,11 +155,11 @@ def test_live_webcam_in_the_browser(browser, host, tmp_path):
     assert not errors_a and not errors_b, errors_a + errors_b
 
 
-def _open_front_end(browser, host):
+def _open_front_end(browser, host, width=1280, height=800):
     """A fresh tab on the host's front end, once the pack's node types are registered."""
     for key, value in FRONT_END_SETTINGS.items():
         host.post_json(f"/settings/{key}", value)
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context = browser.new_context(viewport={"width": width, "height": height})
     context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
     page = context.new_page()
     errors: list[str] = []
