@@ -2,7 +2,7 @@
 
 import logging
 
-from . import add_distill, add_sampler, conditioning, lcm_lora, live, stream_batch, tiny_vae
+from . import add_distill, add_sampler, conditioning, lcm_lora, live, stream_batch, stream_live, tiny_vae
 
 logger = logging.getLogger("turbostream")
 
@@ -11,6 +11,7 @@ ALL_NODES: list = [
     *tiny_vae.NODES,
     *lcm_lora.NODES,
     *stream_batch.NODES,
+    *stream_live.NODES,
     *conditioning.NODES,
     *live.NODES,
     *add_distill.NODES,
@@ -25,6 +26,6 @@ def on_load() -> None:
     if _loaded:
         return
     _loaded = True
-    stream_batch.register_routes()
+    stream_live.register_routes()
     live.register_routes()
     logger.info("TurboStream loaded: %d nodes", len(ALL_NODES))

@@ -158,7 +158,7 @@ def main(tiny: Path) -> dict:
         live = []
         for i in range(3):
             live.append(
-                stream.TurboStreamLiveImg2Img.execute(
+                pack.nodes.stream_live.TurboStreamLiveImg2Img.execute(
                     model, cond, vae, frames[i : i + 1], f"dyn-{name}", "32,45", "self", 1.2, seed=5
                 ).result[0]
             )

@@ -19,7 +19,12 @@ from turbostream.live_client import LiveClient
 SIZE = 64
 FRAMES = 6
 FREE_AFTER = 2
-"""``/free`` is posted while frame 2 is being computed: the host acts on it before frame 3."""
+"""``/free`` is posted once the host has started frame 2 (its "executing" message for the stream node):
+the host reads its flags after each prompt, so it acts on it after frame 2 and before frame 3. Posted
+any earlier, it could land before the host's flag check after frame 1 (the host sends a prompt's
+success before it reads the flags) and take effect before frame 2."""
+STREAM_NODE = "7"
+"""The live stream node's id (TurboStreamLiveImg2Img) in the bundled live workflow."""
 
 
 def textured_png(seed: int) -> bytes:
@@ -49,6 +54,7 @@ def stream(host, stream_id: str, seeds: list[int], free: dict | None = None) -> 
                     live_workflow(stream_id, SIZE, save_every=1, filename_prefix=prefix)
                 )  # lossless frames
                 if free is not None and k == FREE_AFTER:
+                    await cl.wait_for_node(prompt_id, STREAM_NODE, timeout=60)
                     async with cl.session.post(f"{host.url}/free", json=free) as resp:
                         assert resp.status == 200
                 assert await cl.wait(prompt_id) == "execution_success", cl.errors
@@ -115,7 +121,7 @@ def test_free_during_a_live_stream(host, free):
 def test_a_reloaded_model_restarts_the_stream(pack):
     """The live node tells models apart by weak reference, not ``id()``: a model loaded again after
     ``/free`` may land at the freed one's address, and must not pass for it; the log says why."""
-    nodes = pack.nodes.stream_batch
+    nodes = pack.nodes.stream_live
 
     class Sampling:
         pass
