@@ -78,7 +78,7 @@ def _sequential(c, model):
     sb = c["pack"].nodes.stream_batch
     latents = sb._to_model_space(model, sb.tiny_encode("bench", c["tiny_vae"], c["frames"]))
     timesteps = sb.core.parse_t_index_list(T_INDEX)
-    denoise = sb.host_denoiser(model, 0)
+    denoise = c["pack"].nodes.host_sampling.host_denoiser(model, 0)
     for z in latents:
         for t in timesteps:  # each step on its own engine of one slot: n calls of batch 1 per frame
             engine = sb._engine("bench", model, [t], 1, "self", 1.2, 1.0, True, 0, tuple(z.shape))

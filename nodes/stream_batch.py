@@ -24,7 +24,8 @@ from ._common import (
     optional,
     schema,
 )
-from .stream_control import control_denoiser, frame_payloads
+from .host_sampling import with_host_sampling
+from .stream_control import frame_payloads
 from .tiny_vae import tiny_decode, tiny_encode
 
 logger = logging.getLogger("turbostream")
@@ -54,45 +55,6 @@ def host_schedule(model, timesteps: list[int], frame_buffer_size: int) -> core.S
         boundary="lcm" if _is_lcm(sampling) else "none",
         skip_on="ve",
     )
-
-
-def host_denoiser(model, seed: int):
-    """``denoise(x_vp, t, cond) -> x0`` through the host's own sampling path.
-
-    Each call is one ``comfy.sample.sample_custom`` whose sampler evaluates the host's model wrapper
-    once on the whole batch with a per-sample sigma vector: the host loads the model
-    (``load_models_gpu``), prepares the conditioning (SDXL pooled output and size conditioning
-    included) and applies its model patches, exactly as for its own samplers.
-    """
-    sampling = model.get_model_object("model_sampling")
-
-    @torch.inference_mode()
-    def denoise(x_vp: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        sigma = sampling.sigma(t.float().cpu())
-        alpha = (1 + sigma.double() ** 2).rsqrt().float().view(-1, 1, 1, 1)
-        x_ve = x_vp.float().cpu() / alpha
-        result = {}
-
-        def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            result["x0"] = model_k(x_ve.to(x.device, x.dtype), sigma.to(x.device, x.dtype), **(extra_args or {}))
-            return x
-
-        empty = torch.zeros_like(x_ve)
-        comfy.sample.sample_custom(
-            model,
-            empty,
-            1.0,
-            comfy.samplers.KSAMPLER(sampler_fn),
-            torch.stack([sigma.max(), sigma.new_zeros(())]),
-            cond,
-            [],
-            empty,
-            disable_pbar=True,
-            seed=seed,
-        )
-        return result["x0"].to(x_vp.device, x_vp.dtype)
-
-    return denoise
 
 
 # -- shared checks ---------------------------------------------------------------------------------------
@@ -314,10 +276,13 @@ def _group_payloads(payloads: list | None, groups: int, f: int, pad: int) -> lis
     return [payloads[i * f : (i + 1) * f] for i in range(groups)]
 
 
-def _denoiser(model, seed: int, positive, negative, payloads):
-    """The host denoiser, with per-slot control when the frames bring ControlNet hints."""
-    denoise = host_denoiser(model, seed)
-    return denoise if payloads is None else control_denoiser(denoise, model, positive, negative)
+def run_stream(model, seed: int, engine: core.StreamEngine, positive, negative, body):
+    """``body(denoise)`` inside one host sampling pass sized for the engine's largest call (see
+    ``host_sampling``): the host prepares the model and conditioning once for all of the prompt's calls."""
+    batch = (engine.config.steps * engine.config.frame_buffer_size, *engine.latent_shape)
+    return with_host_sampling(
+        model, seed, positive, negative, (engine.schedule.beta / engine.schedule.alpha).tolist(), batch, body
+    )
 
 
 def _to_model_space(model, latents: torch.Tensor) -> torch.Tensor:
@@ -416,16 +381,23 @@ class TurboStreamStreamImg2Img(io.ComfyNode):
         if any(skip):
             logger.info("%s: similarity filter skipped %d of %d frame groups", node, sum(skip), len(skip))
         pbar = comfy.utils.ProgressBar(len(groups) - sum(skip) + engine.lag)
-        outs = core.stream_frames(
+        outs = run_stream(
+            model,
+            seed,
             engine,
-            groups,
-            _denoiser(model, seed, positive, negative, payloads),
             positive,
             negative,
-            skip=skip,
-            on_call=lambda done, total: pbar.update_absolute(done, total),
-            payloads=_group_payloads(payloads, len(groups), f, pad),
-            feedback=feedback,
+            lambda denoise: core.stream_frames(
+                engine,
+                groups,
+                denoise,
+                positive,
+                negative,
+                skip=skip,
+                on_call=lambda done, total: pbar.update_absolute(done, total),
+                payloads=_group_payloads(payloads, len(groups), f, pad),
+                feedback=feedback,
+            ),
         )
         x0 = _to_raw(model, torch.cat(outs)[:count])
         return io.NodeOutput(tiny_decode(node, vae, x0), {"samples": x0})
@@ -501,14 +473,21 @@ class TurboStreamStreamTxt2Img(io.ComfyNode):
         groups = [None] * math.ceil(frames / f)
         payloads = frame_payloads(node, frames, height, width, model, positive, negative)
         pbar = comfy.utils.ProgressBar(len(groups) + engine.lag)
-        outs = core.stream_frames(
+        outs = run_stream(
+            model,
+            seed,
             engine,
-            groups,
-            _denoiser(model, seed, positive, negative, payloads),
             positive,
             negative,
-            on_call=lambda done, total: pbar.update_absolute(done, total),
-            payloads=_group_payloads(payloads, len(groups), f, len(groups) * f - frames),
+            lambda denoise: core.stream_frames(
+                engine,
+                groups,
+                denoise,
+                positive,
+                negative,
+                on_call=lambda done, total: pbar.update_absolute(done, total),
+                payloads=_group_payloads(payloads, len(groups), f, len(groups) * f - frames),
+            ),
         )
         x0 = _to_raw(model, torch.cat(outs)[:frames])
         return io.NodeOutput(tiny_decode(node, vae, x0), {"samples": x0})

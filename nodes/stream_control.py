@@ -111,16 +111,3 @@ def slot_conditioning(cond, role: str, slots, sigmas: torch.Tensor, sampling) ->
             extras["control"] = copies[0]
         out.append([tensor, extras])
     return out
-
-
-def control_denoiser(denoise, model, positive, negative):
-    """Wrap the stream's host denoiser: a call that carries slot payloads gets per-slot control."""
-    sampling = model.get_model_object("model_sampling")
-
-    def denoise_with_hints(x: torch.Tensor, t: torch.Tensor, cond, slots=None) -> torch.Tensor:
-        if slots is not None and cond:
-            role = "negative" if (cond is negative and cond is not positive) else "positive"
-            cond = slot_conditioning(cond, role, slots, sampling.sigma(t.float().cpu()), sampling)
-        return denoise(x, t, cond)
-
-    return denoise_with_hints

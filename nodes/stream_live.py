@@ -28,10 +28,10 @@ from .stream_batch import (
     _to_model_space,
     _to_raw,
     _validate,
-    host_denoiser,
     host_schedule,
+    run_stream,
 )
-from .stream_control import control_denoiser, frame_payloads
+from .stream_control import frame_payloads
 from .tiny_vae import tiny_decode, tiny_encode
 
 logger = logging.getLogger("turbostream")
@@ -220,8 +220,14 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
                 z = _to_model_space(model, tiny_encode(node, vae, image))
                 # each frame's ControlNet hints enter the stream with it and stay with it to the end
                 payload = frame_payloads(node, f, image.shape[1], image.shape[2], model, positive, negative)
-                denoise = control_denoiser(host_denoiser(model, seed), model, positive, negative)
-                finished = engine.img2img(z, denoise, positive, negative, payload=payload, feedback=feedback)
+                finished = run_stream(
+                    model,
+                    seed,
+                    engine,
+                    positive,
+                    negative,
+                    lambda denoise: engine.img2img(z, denoise, positive, negative, payload=payload, feedback=feedback),
+                )
                 # warm-up: the buffer holds no finished frame yet; show the newest frame's one-step estimate
                 x0 = finished if engine.calls > engine.lag else engine.last_first_x0
                 out = tiny_decode(node, vae, _to_raw(model, x0))
