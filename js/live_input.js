@@ -13,6 +13,8 @@ const CAPTURED_HEADER = "X-TurboStream-Captured";
 const PROMPT_TIMEOUT_MS = 60000;
 const JPEG_QUALITY = 0.85;
 const SOURCES = ["webcam", "video file"];
+const TIMING_WINDOW = 100;
+const PROMPT_REFRESH_MS = 250;
 
 function widgetOf(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -30,6 +32,7 @@ class LiveSession {
     this.inFlight = new Map(); // prompt_id -> time queued
     this.reserved = 0; // slots taken by frames still being uploaded/queued
     this.stats = { captured: 0, dropped: 0, queued: 0, done: 0, errors: 0, started: 0 };
+    this.timings = {};
     this.statusWidget = null;
     this.message = "stopped";
   }
@@ -69,7 +72,10 @@ class LiveSession {
     this.canvas.width = this.width;
     this.canvas.height = this.height;
     const fps = Math.max(1, valueOf(this.node, "fps", 10));
-    this.timer = setInterval(() => this.tick(), 1000 / fps);
+    this.interval = 1000 / fps;
+    this.lastCapture = -Infinity;
+    this.prompt = null;
+    this.timer = setInterval(() => this.tick(), this.interval);
     this.message = `live: ${this.streamId}`;
   }
 
@@ -156,16 +162,50 @@ class LiveSession {
     this.node.setDirtyCanvas(true, false);
   }
 
+  // Where a frame's time goes in the browser (ms, the last TIMING_WINDOW frames): capture (draw +
+  // JPEG encode), upload, queue (graph to prompt + POST /prompt), idle (a slot free, no frame taken yet).
+  record(sample) {
+    for (const [key, ms] of Object.entries(sample)) {
+      if (ms === null) continue;
+      const list = (this.timings[key] ??= []);
+      list.push(ms);
+      if (list.length > TIMING_WINDOW) list.shift();
+    }
+  }
+
   finish(promptId, failed) {
     if (!this.inFlight.delete(promptId)) return false;
+    this.freedAt ??= performance.now();
+    if (!failed) this.refill();
     this.stats.done += 1;
     if (failed) this.stats.errors += 1;
+    else this.forget(promptId);
     return true;
+  }
+
+  // A finished frame's history entry goes: the front end re-reads the history after every prompt
+  // (two "status" messages each), so thousands of live frames would make each re-read heavier and
+  // push the user's own results out of the history. Failed frames stay, with their error.
+  forget(promptId) {
+    api
+      .fetchApi("/history", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ delete: [promptId] }),
+      })
+      .catch(() => {});
+  }
+
+  // A slot came free: take the next frame now rather than at the next timer tick, unless that would
+  // exceed the node's fps (the timer then takes it).
+  refill() {
+    if (this.running && performance.now() - this.lastCapture >= this.interval * 0.9) this.tick();
   }
 
   async tick() {
     if (!this.running || !this.video || this.video.readyState < 2) return;
     const now = performance.now();
+    if (now - this.lastCapture < this.interval * 0.5) return; // just taken by refill()
     for (const [id, t] of this.inFlight) {
       if (now - t > PROMPT_TIMEOUT_MS) this.inFlight.delete(id); // lost track of it: free the slot
     }
@@ -174,8 +214,11 @@ class LiveSession {
       return;
     }
     this.reserved += 1;
+    this.lastCapture = now;
+    const t0 = performance.now();
     try {
       const blob = await this.capture();
+      const t1 = performance.now();
       if (!this.running) return;
       const res = await api.fetchApi(`/turbostream/live/${encodeURIComponent(this.streamId)}/frame`, {
         method: "POST",
@@ -187,10 +230,13 @@ class LiveSession {
         throw new Error(body.error ?? `frame upload failed (${res.status})`);
       }
       this.stats.captured += 1;
+      const t2 = performance.now();
       if (!this.running) return;
-      const prompt = await app.graphToPrompt();
-      const queued = await api.queuePrompt(0, prompt);
-      this.inFlight.set(queued.prompt_id, performance.now());
+      const promptId = await this.queue();
+      const t3 = performance.now();
+      this.inFlight.set(promptId, t3);
+      this.record({ capture: t1 - t0, upload: t2 - t1, queue: t3 - t2, idle: this.freedAt ? t0 - this.freedAt : null });
+      this.freedAt = null;
       this.stats.queued += 1;
       this.message = `live: ${this.streamId} · ${this.stats.queued} queued · ${this.stats.dropped} dropped`;
     } catch (err) {
@@ -201,6 +247,31 @@ class LiveSession {
       this.reserved -= 1;
       this.node.setDirtyCanvas(true, false);
     }
+  }
+
+  // Queue the workflow (rebuilt from the graph at most every PROMPT_REFRESH_MS: widget changes apply
+  // within that; the prompt itself does not change per frame, Live Input reads the newest frame). Only the API prompt is
+  // sent: not the UI workflow the host would store as extra_pnginfo with every frame's history entry,
+  // and not through api.queuePrompt, whose front-end bookkeeping runs for every prompt.
+  async queue() {
+    const now = performance.now();
+    if (!this.prompt || now - this.promptAt > PROMPT_REFRESH_MS) {
+      this.prompt = (await app.graphToPrompt()).output;
+      this.promptAt = now;
+    }
+    const output = this.prompt;
+    const res = await api.fetchApi("/prompt", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ prompt: output, client_id: api.clientId }),
+    });
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      const err = new Error(body.error?.message ?? `queueing failed (${res.status})`);
+      err.response = body;
+      throw err;
+    }
+    return body.prompt_id;
   }
 
   // The video frame scaled to cover width x height and centre-cropped, as JPEG.

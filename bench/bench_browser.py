@@ -1,0 +1,177 @@
+"""The live loop in the real front end (Chromium, fake camera) vs the Python live client, same workflow.
+
+A: the bundled UI workflow ``example_workflows/live_webcam_img2img.json`` in the host's front end,
+   Start pressed on Live Input (``js/live_input.js``), 64x64, target 30 fps, 2 prompts in flight;
+   frames per second = Live Output frames over the measuring window.
+B: the same workflow in API form driven by ``turbostream.live_client`` (what a script or OBS plugin
+   would do): upload a frame, queue, at most 2 in flight, frames of the bundled clip as JPEG.
+Both on the tiny SD1.5 + LCM-LoRA stand-in; rounds alternate A, B. On this 2-core machine the browser
+takes CPU from the host: its cores are reported beside the ratio, with the front end's requests per
+second (what it does after each prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import copy
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+
+from harness import Comparison  # noqa: E402
+
+from turbostream.live_client import LiveClient  # noqa: E402
+
+WARMUP_S, WINDOW_S, SIZE, IN_FLIGHT = 8.0, 25.0, 64, 2
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of Chromium's processes and of the host's."""
+    total = {"browser": 0.0, "host": 0.0}
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            stat, cmd = open(f"{d}/stat").read(), open(f"{d}/cmdline").read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if "chrom" in cmd:
+            total["browser"] += seconds
+        elif "main.py" in cmd:
+            total["host"] += seconds
+    return total
+
+
+def _browser_round(browser, host, tlb) -> dict:
+    context, page, errors = tlb.open_live_workflow(browser, host)
+    requests: collections.Counter = collections.Counter()
+    page.on("request", lambda r: requests.update([f"{r.method} {r.url.split('?')[0].replace(host.url, '')}"]))
+    page.evaluate("() => { window.ts.widget('TurboStreamLiveInput', 'fps').value = 30; }")
+    try:
+        tlb.start_or_stop(page)
+        time.sleep(WARMUP_S)
+        s0, c0, t0 = tlb.view_stats(page), _cpu_seconds(), time.monotonic()
+        requests.clear()
+        time.sleep(WINDOW_S)
+        s1, c1, t1 = tlb.view_stats(page), _cpu_seconds(), time.monotonic()
+        timings = page.evaluate("() => window.ts.node('TurboStreamLiveInput').turbostreamLive.timings")
+        tlb.start_or_stop(page)
+    finally:
+        context.close()
+    assert not errors, errors
+    span = t1 - t0
+    return {
+        "fps": (s1["frames"] - s0["frames"]) / span,
+        "latency_ms": s1["latency"],
+        "cores": {k: (c1[k] - c0[k]) / span for k in c0},
+        "requests": {k: round(v / span, 1) for k, v in requests.most_common(4)},
+        "split_ms": {k: round(statistics.median(v), 1) for k, v in timings.items() if v},
+    }
+
+
+async def _python_round(host, workflow: dict, frames: list[bytes], stream_id: str) -> dict:
+    wf = copy.deepcopy(workflow)
+    wf["6"]["inputs"]["stream_id"] = stream_id
+    latencies, done = [], 0
+    async with LiveClient(host.url) as cl:
+        await cl.open(stream_id)
+        in_flight: set[str] = set()
+        start = time.monotonic()
+        c0 = t0 = None
+        k = 0
+        while time.monotonic() - start < WARMUP_S + WINDOW_S:
+            while len(in_flight) >= IN_FLIGHT:
+                await asyncio.sleep(0.002)
+                in_flight = {p for p in in_flight if p not in cl.finished}
+            while not cl.frames.empty():
+                frame = cl.frames.get_nowait()
+                if t0 is not None:
+                    done += 1
+                    latencies.append(frame["received_ms"] - frame["captured_ms"])
+            if t0 is None and time.monotonic() - start >= WARMUP_S:
+                c0, t0 = _cpu_seconds(), time.monotonic()
+            await cl.send_frame(frames[k % len(frames)], content_type="image/jpeg")
+            in_flight.add(await cl.queue(wf))
+            k += 1
+        span = time.monotonic() - t0
+        c1 = _cpu_seconds()
+        for _ in in_flight:
+            await cl.next_frame(timeout=120)
+        await cl.close()
+    return {
+        "fps": done / span,
+        "latency_ms": statistics.median(latencies),
+        "cores": {k: (c1[k] - c0[k]) / span for k in c0},
+    }
+
+
+def _jpeg_frames(n: int = 8) -> list[bytes]:
+    import io
+
+    import torch
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        rgb = torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(i))
+        buf = io.BytesIO()
+        Image.fromarray((rgb * 255).byte().numpy()).save(buf, format="JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def run(ctx) -> list[Comparison]:
+    sys.path.insert(0, str(REPO / "tests"))
+    import shutil
+
+    if not (shutil.which("chromium") or os.path.exists("/usr/bin/chromium")):
+        print("bench_browser: Debian's chromium is not installed (python -m turbostream setup --browser); skipped")
+        return []
+    import test_live_browser as tlb
+    from playwright.sync_api import sync_playwright
+
+    host = ctx.host
+    workflow = json.loads((REPO / "workflows/api/live_webcam_img2img.json").read_text())
+    workflow["6"]["inputs"].update(width=SIZE, height=SIZE)
+    frames = _jpeg_frames()
+    rounds = max(1, min(ctx.n, 3))
+    a, b = [], []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=tlb.CHROMIUM, headless=True, args=tlb.CHROMIUM_ARGS)
+        try:
+            for i in range(rounds):
+                a.append(_browser_round(browser, host, tlb))
+                # in a thread of its own: Playwright's sync API keeps an event loop running in this one
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    coro = _python_round(host, workflow, frames, f"bench-py-{i}")
+                    b.append(pool.submit(asyncio.run, coro).result())
+        finally:
+            browser.close()
+    fa, fb = statistics.median(r["fps"] for r in a), statistics.median(r["fps"] for r in b)
+    cores = lambda rs, k: statistics.median(r["cores"][k] for r in rs)  # noqa: E731
+    return [
+        Comparison(
+            "browser live loop vs Python live client (seconds per frame)",
+            "front end in Chromium, fake camera",
+            "turbostream.live_client",
+            1 / fa,
+            1 / fb,
+            rounds,
+            f"64², tiny SD1.5, 2 in flight, {WINDOW_S:.0f} s windows; {fa:.2f} vs {fb:.2f} fps (goal: A/B <= 1.5); "
+            f"median latency {statistics.median(r['latency_ms'] for r in a):.0f} vs "
+            f"{statistics.median(r['latency_ms'] for r in b):.0f} ms; CPU cores: browser {cores(a, 'browser'):.2f}, "
+            f"host {cores(a, 'host'):.2f} vs {cores(b, 'host'):.2f}; front-end requests/s {a[-1]['requests']}; "
+            f"browser split (median ms) {a[-1]['split_ms']}",
+        )
+    ]
