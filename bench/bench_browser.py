@@ -141,37 +141,57 @@ def run(ctx) -> list[Comparison]:
     import test_live_browser as tlb
     from playwright.sync_api import sync_playwright
 
-    host = ctx.host
     workflow = json.loads((REPO / "workflows/api/live_webcam_img2img.json").read_text())
     workflow["6"]["inputs"].update(width=SIZE, height=SIZE)
     frames = _jpeg_frames()
-    rounds = max(1, min(ctx.n, 3))
-    a, b = [], []
+    rounds = max(1, min(ctx.n, 2))
+    rows = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=tlb.CHROMIUM, headless=True, args=tlb.CHROMIUM_ARGS)
         try:
-            for i in range(rounds):
-                a.append(_browser_round(browser, host, tlb))
-                # in a thread of its own: Playwright's sync API keeps an event loop running in this one
-                with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                    coro = _python_round(host, workflow, frames, f"bench-py-{i}")
-                    b.append(pool.submit(asyncio.run, coro).result())
+            for threads in (None, 1):
+                host = ctx.host if threads is None else _host_with_threads(threads)
+                try:
+                    rows.append(_compare(browser, host, tlb, workflow, frames, rounds, threads))
+                finally:
+                    if threads is not None:
+                        host.cleanup()
         finally:
             browser.close()
+    return rows
+
+
+def _host_with_threads(threads: int):
+    """A second headless host whose torch uses ``threads`` CPU threads (OMP_NUM_THREADS)."""
+    from turbostream import host as host_mod
+    from turbostream.cli import TINY_MODELS_DIR
+    from turbostream.server import HeadlessHost, demo_model_links
+
+    env = {"OMP_NUM_THREADS": str(threads)}
+    return HeadlessHost(host_mod.ensure_host(), model_links=demo_model_links(TINY_MODELS_DIR), env=env).start()
+
+
+def _compare(browser, host, tlb, workflow, frames, rounds, threads) -> Comparison:
+    a, b = [], []
+    for i in range(rounds):
+        a.append(_browser_round(browser, host, tlb))
+        # in a thread of its own: Playwright's sync API keeps an event loop running in this one
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            coro = _python_round(host, workflow, frames, f"bench-py-{threads}-{i}")
+            b.append(pool.submit(asyncio.run, coro).result())
     fa, fb = statistics.median(r["fps"] for r in a), statistics.median(r["fps"] for r in b)
     cores = lambda rs, k: statistics.median(r["cores"][k] for r in rs)  # noqa: E731
-    return [
-        Comparison(
-            "browser live loop vs Python live client (seconds per frame)",
-            "front end in Chromium, fake camera",
-            "turbostream.live_client",
-            1 / fa,
-            1 / fb,
-            rounds,
-            f"64², tiny SD1.5, 2 in flight, {WINDOW_S:.0f} s windows; {fa:.2f} vs {fb:.2f} fps (goal: A/B <= 1.5); "
-            f"median latency {statistics.median(r['latency_ms'] for r in a):.0f} vs "
-            f"{statistics.median(r['latency_ms'] for r in b):.0f} ms; CPU cores: browser {cores(a, 'browser'):.2f}, "
-            f"host {cores(a, 'host'):.2f} vs {cores(b, 'host'):.2f}; front-end requests/s {a[-1]['requests']}; "
-            f"browser split (median ms) {a[-1]['split_ms']}",
-        )
-    ]
+    setting = f"host torch threads {threads}" if threads else f"host torch threads default ({os.cpu_count()} cores)"
+    return Comparison(
+        f"browser live loop vs Python live client (s per frame), {setting}",
+        "front end in Chromium, fake camera",
+        "turbostream.live_client",
+        1 / fa,
+        1 / fb,
+        rounds,
+        f"64², tiny SD1.5, 2 in flight, {WINDOW_S:.0f} s windows; {fa:.2f} vs {fb:.2f} fps (goal: A/B <= 1.5); "
+        f"median latency {statistics.median(r['latency_ms'] for r in a):.0f} vs "
+        f"{statistics.median(r['latency_ms'] for r in b):.0f} ms; CPU cores: browser {cores(a, 'browser'):.2f}, "
+        f"host {cores(a, 'host'):.2f} vs {cores(b, 'host'):.2f}; front-end requests/s {a[-1]['requests']}; "
+        f"browser split (median ms) {a[-1]['split_ms']}",
+    )

@@ -15,6 +15,7 @@ const JPEG_QUALITY = 0.85;
 const SOURCES = ["webcam", "video file"];
 const TIMING_WINDOW = 100;
 const PROMPT_REFRESH_MS = 250;
+const STATUS_REFRESH_MS = 500;
 
 function widgetOf(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -238,14 +239,17 @@ class LiveSession {
       this.record({ capture: t1 - t0, upload: t2 - t1, queue: t3 - t2, idle: this.freedAt ? t0 - this.freedAt : null });
       this.freedAt = null;
       this.stats.queued += 1;
-      this.message = `live: ${this.streamId} · ${this.stats.queued} queued · ${this.stats.dropped} dropped`;
+      if (t3 - (this.shownAt ?? 0) > STATUS_REFRESH_MS) {
+        // the status line redraws the canvas: at most twice a second, not per frame
+        this.shownAt = t3;
+        this.message = `live: ${this.streamId} · ${this.stats.queued} queued · ${this.stats.dropped} dropped`;
+      }
     } catch (err) {
       const detail = err?.response?.error?.message ?? err?.message ?? String(err);
       console.error("[TurboStream] live frame failed:", err);
       await this.stop(`stopped: ${detail}`);
     } finally {
       this.reserved -= 1;
-      this.node.setDirtyCanvas(true, false);
     }
   }
 
