@@ -34,7 +34,7 @@ test-unit: setup
 	$(VENV_PY) -m pytest -m "not host" $(PYTEST_ARGS)
 
 bench: setup
-	$(VENV_PY) bench/run.py
+	$(VENV_PY) bench/run.py $(if $(K),-k $(K))
 
 reliability: setup
 	$(VENV_PY) bench/reliability.py

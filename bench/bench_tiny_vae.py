@@ -120,7 +120,33 @@ def run(ctx) -> list[Comparison]:
                 f"+{full['peak_delta_gib']:.2f} GiB; full VAE once (fresh process), batch 8 skipped",
             )
         )
+    rows.append(_cpu_chunks(nodes, vaes["ours"], ctx.n))
     return rows
+
+
+def _cpu_chunks(nodes, vae, n: int) -> Comparison:
+    """Encode + decode 16 frames of 256x256: the CPU chunk budget (default) vs the whole batch at once."""
+    frames = torch.rand(16, 256, 256, 3, generator=torch.Generator().manual_seed(0))
+    default = nodes.CPU_CHUNK_BYTES
+
+    def roundtrip(budget):
+        nodes.CPU_CHUNK_BYTES = budget
+        try:
+            nodes.tiny_decode("bench", vae, nodes.tiny_encode("bench", vae, frames))
+        finally:
+            nodes.CPU_CHUNK_BYTES = default
+
+    with torch.inference_mode():
+        a, b = interleaved(lambda i: roundtrip(default), lambda i: roundtrip(1 << 62), n=n)
+    return Comparison(
+        "tiny VAE encode+decode 16 frames 256², CPU chunk budget vs one batch",
+        f"chunks of <= {default >> 20} MiB activations",
+        "all 16 frames in one batch",
+        a,
+        b,
+        n,
+        f"s per 16 frames; {16 / a:.1f} vs {16 / b:.1f} frames/s (CPU only: GPUs batch as memory allows)",
+    )
 
 
 if __name__ == "__main__":
