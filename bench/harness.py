@@ -65,7 +65,21 @@ def machine_line() -> str:
         device += f", torch {torch.__version__}"
     except ImportError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {device}, Python {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores, {device}, Python {platform.python_version()}, ComfyUI {host_version()}"
+
+
+def host_version() -> str:
+    """The selected host's version (its ``comfyui_version.py``), for the machine line."""
+    import re
+
+    from turbostream import host as host_mod
+
+    try:
+        text = (host_mod.ensure_host() / "comfyui_version.py").read_text()
+    except OSError:
+        return "unknown"
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found.group(1) if found else "unknown"
 
 
 def import_pack():

@@ -1,8 +1,8 @@
 """``make bench``: run every ``bench/bench_*.py``, print one markdown table, write the results.
 
-Each module's rows go to ``results/<module>.json`` (with the machine and date of that run), and
-``results/latest.json`` merges every module file, so ``-k`` re-runs one benchmark without losing
-the others' rows.
+Each module's rows go to ``results/<module>@<host version>.json`` (with the machine and date of that
+run); ``results/latest.json`` and ``docs/benchmarks.md`` merge every module file, so ``-k`` re-runs
+one benchmark without losing the others' rows, and each host's rows stay apart.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO_ROOT))
 
-from harness import machine_line  # noqa: E402
+from harness import host_version, machine_line  # noqa: E402
 
 from turbostream import host as host_mod  # noqa: E402
 from turbostream import tiny_models  # noqa: E402
@@ -52,13 +52,13 @@ def main() -> int:
     rows, started = [], time.time()
     results = BENCH_DIR / "results"
     results.mkdir(exist_ok=True)
-    machine = machine_line()
+    machine, version = machine_line(), host_version()
     try:
         for name in modules:
             t0 = time.time()
             module_rows = [c.as_dict() for c in importlib.import_module(name).run(ctx)]
             rows += module_rows
-            _write_json(results / f"{name}.json", machine, time.time() - t0, module_rows)
+            _write_json(results / f"{name}@{version}.json", machine, time.time() - t0, module_rows)
     finally:
         if ctx._host is not None:
             ctx._host.cleanup()
@@ -78,7 +78,14 @@ def main() -> int:
     for path in sorted(results.glob("bench_*.json")):
         data = json.loads(path.read_text())
         merged += [
-            {**r, "module": path.stem, "machine": data["machine"], "date": data["date"]} for r in data["results"]
+            {
+                **r,
+                "module": path.stem.split("@")[0],
+                "host": path.stem.partition("@")[2],
+                "machine": data["machine"],
+                "date": data["date"],
+            }
+            for r in data["results"]
         ]
     _write_json(results / "latest.json", machine, time.time() - started, merged)
     _write_doc(REPO_ROOT / "docs" / "benchmarks.md", merged)
@@ -97,11 +104,11 @@ limits a row is held to are in its note.
 
 def _write_doc(path: Path, rows: list[dict]) -> None:
     lines = [DOC_HEAD]
-    for module in sorted({r["module"] for r in rows}):
-        mine = [r for r in rows if r["module"] == module]
+    for module, host in sorted({(r["module"], r["host"]) for r in rows}):
+        mine = [r for r in rows if (r["module"], r["host"]) == (module, host)]
         doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()
         lines += [
-            f"## {module}",
+            f"## {module} (ComfyUI {host})",
             "",
             doc[0] if doc else "",
             "",

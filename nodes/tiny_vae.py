@@ -147,7 +147,7 @@ def _tiny(vae) -> core.TinyAutoencoder | None:
 
 CPU_CHUNK_BYTES = 64 << 20
 """On a CPU, a chunk whose widest activations pass this budget runs slower per image, not faster (its
-activations spill out of the caches: 16 frames at 256x256 in one batch took ~1.3x as long per frame as
+activations spill out of the caches: 16 frames at 256x256 in one batch took ~1.4x as long per frame as
 one at a time on the 2-core test machine, ``bench_tiny_vae``). GPUs batch as far as memory allows."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -181,3 +182,28 @@ def pack_node_ids(pack) -> list[str]:
 
     extension = asyncio.run(pack.comfy_entrypoint())
     return [cls.define_schema().node_id for cls in asyncio.run(extension.get_node_list())]
+
+
+LIVE_GAIN = re.compile(r"(^|\.)(in_layers|out_layers|out)\.0\.weight$")
+"""GroupNorm gains the tiny checkpoints leave at 0, so their UNet's output is exactly 0 whatever its
+input; set to 1 by :func:`live_tiny_sd15` (a "live" UNet whose output depends on input, text and LoRA)."""
+
+
+def live_tiny_sd15(tiny_models_dir: Path):
+    """The tiny SD1.5 checkpoint loaded in this process with a live UNet: ``(model, clip)`` patchers."""
+    import comfy.sd
+    import torch
+
+    path = tiny_models_dir / "checkpoints" / tiny_models.CHECKPOINTS["sd15"].name
+    model, clip, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)
+    with torch.no_grad():
+        for name, p in model.model.diffusion_model.named_parameters():
+            if LIVE_GAIN.search(name):
+                p.fill_(1.0)
+    return model, clip
+
+
+def text_conditioning(clip, text: str) -> list:
+    """``text`` encoded the way CLIPTextEncode does (tokens, conditioning and pooled output)."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]

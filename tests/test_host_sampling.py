@@ -8,16 +8,9 @@ preparation (model loading) per prompt instead of one per call.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-
-from turbostream import tiny_models
-
-GROUP_NORM_GAIN = re.compile(r"(^|\.)(in_layers|out_layers|out)\.0\.weight$")
-"""The tiny checkpoints leave these GroupNorm gains at 0 (the UNet's output is then exactly 0); set to 1
-here, so the comparisons below see a UNet whose output depends on its input, conditioning and LoRA."""
+from conftest import live_tiny_sd15, text_conditioning
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +19,11 @@ def models(comfy, pack, tiny_models_dir):
     import comfy.utils
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
-    path = tiny_models_dir / "checkpoints" / tiny_models.CHECKPOINTS["sd15"].name
-    base, clip, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)
-    with torch.no_grad():
-        for name, p in base.model.diffusion_model.named_parameters():
-            if GROUP_NORM_GAIN.search(name):
-                p.fill_(1.0)
+    base, clip = live_tiny_sd15(tiny_models_dir)
     lora = comfy.utils.load_torch_file(str(tiny_models_dir / "loras" / "tiny-sd15-kohya.safetensors"))
     patched = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)[0]
     lcm = lambda m: ModelSamplingDiscrete().patch(m, "lcm", False)[0]  # noqa: E731
-
-    def encode(text):
-        tokens = clip.tokenize(text)
-        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-        return [[cond, {"pooled_output": pooled}]]
-
+    encode = lambda text: text_conditioning(clip, text)  # noqa: E731
     return {"lora": lcm(patched), "plain": lcm(base), "pos": encode("a watercolor fox"), "neg": encode("blurry")}
 
 

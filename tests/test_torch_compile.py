@@ -10,35 +10,21 @@ takes ~1.5 min on the 2-core CI machine; the speed-up on the real-size UNet is i
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-
-from turbostream import tiny_models
-
-GROUP_NORM_GAIN = re.compile(r"(^|\.)(in_layers|out_layers|out)\.0\.weight$")
-"""Gains the tiny checkpoints leave at 0 (the UNet's output would be exactly 0); set to 1 here."""
+from conftest import live_tiny_sd15, text_conditioning
 
 
 @pytest.fixture(scope="module")
 def setup(comfy, pack, tiny_models_dir):
-    import comfy.sd
     import folder_paths
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     folder_paths.add_model_folder_path("vae_approx", str(tiny_models_dir / "vae_approx"))
-    path = tiny_models_dir / "checkpoints" / tiny_models.CHECKPOINTS["sd15"].name
-    base, clip, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)
-    with torch.no_grad():
-        for name, p in base.model.diffusion_model.named_parameters():
-            if GROUP_NORM_GAIN.search(name):
-                p.fill_(1.0)
-    tokens = clip.tokenize("a watercolor fox")
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    base, clip = live_tiny_sd15(tiny_models_dir)
     return {
         "model": ModelSamplingDiscrete().patch(base, "lcm", False)[0],
-        "positive": [[cond, {"pooled_output": pooled}]],
+        "positive": text_conditioning(clip, "a watercolor fox"),
         "vae": pack.nodes.tiny_vae.load_tiny_vae("test", "vae_approx/taesd"),
     }
 
