@@ -74,7 +74,8 @@ def open_live_workflow(browser, host, width=1280, height=800):
     context, page, errors = _open_front_end(browser, host, width, height)
     page.wait_for_function("() => window.comfyAPI?.api?.api?.clientId", timeout=90_000)
     page.evaluate(JS_HELPERS)
-    page.evaluate("(wf) => window.ts.app().loadGraphData(wf)", json.loads(UI_WORKFLOW.read_text()))
+    # the robust loader: a newer front end may still be opening its start-up workflow and replace ours
+    page.evaluate(LOAD_GRAPH_JS, json.loads(UI_WORKFLOW.read_text()))
     page.keyboard.press("Escape")  # any start-up dialog
     page.evaluate("() => window.ts.app().extensionManager?.command?.execute?.('Comfy.Canvas.FitView')")
     page.wait_for_function("() => window.ts.node('TurboStreamLiveInput')?.turbostreamLive", timeout=30_000)
