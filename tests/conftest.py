@@ -196,10 +196,11 @@ def live_tiny_sd15(tiny_models_dir: Path):
 
     path = tiny_models_dir / "checkpoints" / tiny_models.CHECKPOINTS["sd15"].name
     model, clip, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)
+    gains = [p for name, p in model.model.diffusion_model.named_parameters() if LIVE_GAIN.search(name)]
+    assert gains, "no GroupNorm gains matched: the tiny checkpoint's layout changed"
     with torch.no_grad():
-        for name, p in model.model.diffusion_model.named_parameters():
-            if LIVE_GAIN.search(name):
-                p.fill_(1.0)
+        for p in gains:
+            p.fill_(1.0)
     return model, clip
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import shutil
 import uuid
 
 import pytest
 import torch
-from conftest import queue
+from conftest import LIVE_GAIN as GROUP_NORM_GAIN
+from conftest import live_tiny_sd15, queue
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -34,8 +34,6 @@ SEED, STEPS = 11, 4
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 FUSED_LINE = "TurboStreamLCMLoRAFuse: fused "
 REUSED_LINE = "TurboStreamLCMLoRAFuse: reused "
-GROUP_NORM_GAIN = re.compile(r"(^|\.)(in_layers|out_layers|out)\.0\.weight$")
-"""The UNet's GroupNorm gains that the tiny checkpoints leave at 0."""
 UNET_PREFIX = "model.diffusion_model."
 MODEL = ["5", 0]  # the live UNet in every graph below
 
@@ -304,16 +302,7 @@ def loras_dir(comfy, tmp_path_factory, tiny_models_dir):
 @pytest.fixture(scope="module")
 def sd15(comfy, pack, tiny_models_dir, loras_dir):
     """The tiny SD1.5 model (live UNet) and CLIP as host patchers, loaded in this process."""
-    import comfy.sd
-
-    path = tiny_models_dir / "checkpoints" / tiny_models.CHECKPOINTS["sd15"].name
-    model, clip, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False)
-    gains = [p for k, p in model.model.diffusion_model.named_parameters() if GROUP_NORM_GAIN.search(k)]
-    assert gains
-    with torch.no_grad():
-        for p in gains:
-            p.fill_(1.0)  # a live UNet (see the module docstring)
-    return model, clip
+    return live_tiny_sd15(tiny_models_dir)
 
 
 @pytest.fixture(scope="module")
