@@ -5,6 +5,8 @@ A: the bundled UI workflow ``example_workflows/live_webcam_img2img.json`` in the
    frames per second = Live Output frames over the measuring window.
 B: the same workflow in API form driven by ``turbostream.live_client`` (what a script or OBS plugin
    would do): upload a frame, queue, at most 2 in flight, frames of the bundled clip as JPEG.
+Each with 1 and with 4 frames per prompt (Live Input's frames_per_prompt = Live Img2Img's
+frame_buffer_size), on the default host and on one with torch on one thread.
 Both on the tiny SD1.5 + LCM-LoRA stand-in; rounds alternate A, B. On this 2-core machine the browser
 takes CPU from the host: its cores are reported beside the ratio, with the front end's requests per
 second (what it does after each prompt).
@@ -53,11 +55,18 @@ def _cpu_seconds() -> dict[str, float]:
     return total
 
 
-def _browser_round(browser, host, tlb) -> dict:
+def _browser_round(browser, host, tlb, per_prompt: int) -> dict:
     context, page, errors = tlb.open_live_workflow(browser, host)
     requests: collections.Counter = collections.Counter()
     page.on("request", lambda r: requests.update([f"{r.method} {r.url.split('?')[0].replace(host.url, '')}"]))
-    page.evaluate("() => { window.ts.widget('TurboStreamLiveInput', 'fps').value = 30; }")
+    page.evaluate(
+        """(f) => {
+        window.ts.widget('TurboStreamLiveInput', 'fps').value = 30;
+        window.ts.widget('TurboStreamLiveInput', 'frames_per_prompt').value = f;
+        window.ts.widget('TurboStreamLiveImg2Img', 'frame_buffer_size').value = f;
+        }""",
+        per_prompt,
+    )
     try:
         tlb.start_or_stop(page)
         time.sleep(WARMUP_S)
@@ -80,12 +89,13 @@ def _browser_round(browser, host, tlb) -> dict:
     }
 
 
-async def _python_round(host, workflow: dict, frames: list[bytes], stream_id: str) -> dict:
+async def _python_round(host, workflow: dict, frames: list[bytes], stream_id: str, per_prompt: int) -> dict:
     wf = copy.deepcopy(workflow)
-    wf["6"]["inputs"]["stream_id"] = stream_id
+    wf["6"]["inputs"].update(stream_id=stream_id, frames_per_prompt=per_prompt)
+    wf["7"]["inputs"]["frame_buffer_size"] = per_prompt
     latencies, done = [], 0
     async with LiveClient(host.url) as cl:
-        await cl.open(stream_id)
+        await cl.open(stream_id, frames_per_prompt=per_prompt)
         in_flight: set[str] = set()
         start = time.monotonic()
         c0 = t0 = None
@@ -101,12 +111,13 @@ async def _python_round(host, workflow: dict, frames: list[bytes], stream_id: st
                     latencies.append(frame["received_ms"] - frame["captured_ms"])
             if t0 is None and time.monotonic() - start >= WARMUP_S:
                 c0, t0 = _cpu_seconds(), time.monotonic()
-            await cl.send_frame(frames[k % len(frames)], content_type="image/jpeg")
+            for _ in range(per_prompt):
+                await cl.send_frame(frames[k % len(frames)], content_type="image/jpeg")
+                k += 1
             in_flight.add(await cl.queue(wf))
-            k += 1
         span = time.monotonic() - t0
         c1 = _cpu_seconds()
-        for _ in in_flight:
+        for _ in range(len(in_flight) * per_prompt):
             await cl.next_frame(timeout=120)
         await cl.close()
     return {
@@ -152,7 +163,8 @@ def run(ctx) -> list[Comparison]:
             for threads in (None, 1):
                 host = ctx.host if threads is None else _host_with_threads(threads)
                 try:
-                    rows.append(_compare(browser, host, tlb, workflow, frames, rounds, threads))
+                    for per_prompt in (1, 4):
+                        rows.append(_compare(browser, host, tlb, workflow, frames, rounds, threads, per_prompt))
                 finally:
                     if threads is not None:
                         host.cleanup()
@@ -171,25 +183,25 @@ def _host_with_threads(threads: int):
     return HeadlessHost(host_mod.ensure_host(), model_links=demo_model_links(TINY_MODELS_DIR), env=env).start()
 
 
-def _compare(browser, host, tlb, workflow, frames, rounds, threads) -> Comparison:
+def _compare(browser, host, tlb, workflow, frames, rounds, threads, per_prompt) -> Comparison:
     a, b = [], []
     for i in range(rounds):
-        a.append(_browser_round(browser, host, tlb))
+        a.append(_browser_round(browser, host, tlb, per_prompt))
         # in a thread of its own: Playwright's sync API keeps an event loop running in this one
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            coro = _python_round(host, workflow, frames, f"bench-py-{threads}-{i}")
+            coro = _python_round(host, workflow, frames, f"bench-py-{threads}-{per_prompt}-{i}", per_prompt)
             b.append(pool.submit(asyncio.run, coro).result())
     fa, fb = statistics.median(r["fps"] for r in a), statistics.median(r["fps"] for r in b)
     cores = lambda rs, k: statistics.median(r["cores"][k] for r in rs)  # noqa: E731
     setting = f"host torch threads {threads}" if threads else f"host torch threads default ({os.cpu_count()} cores)"
     return Comparison(
-        f"browser live loop vs Python live client (s per frame), {setting}",
+        f"browser live loop vs Python live client (s per frame), {setting}, {per_prompt} frame(s) per prompt",
         "front end in Chromium, fake camera",
         "turbostream.live_client",
         1 / fa,
         1 / fb,
         rounds,
-        f"64², tiny SD1.5, 2 in flight, {WINDOW_S:.0f} s windows; {fa:.2f} vs {fb:.2f} fps (goal: A/B <= 1.5); "
+        f"64², tiny SD1.5, 2 in flight, frames_per_prompt = frame_buffer_size = {per_prompt}, {WINDOW_S:.0f} s windows; {fa:.2f} vs {fb:.2f} fps (goal: A/B <= 1.5); "
         f"median latency {statistics.median(r['latency_ms'] for r in a):.0f} vs "
         f"{statistics.median(r['latency_ms'] for r in b):.0f} ms; CPU cores: browser {cores(a, 'browser'):.2f}, "
         f"host {cores(a, 'host'):.2f} vs {cores(b, 'host'):.2f}; front-end requests/s {a[-1]['requests']}; "

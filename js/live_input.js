@@ -2,8 +2,10 @@
 //
 // While live, frames from the webcam (getUserMedia) or a local video file are drawn to a canvas at
 // the node's width x height, uploaded to /turbostream/live/<stream_id>/frame with the source's
-// token, and the workflow is queued once per frame. At most `max_in_flight` prompts are queued at a
-// time; a frame that comes while all slots are busy is dropped (never an unbounded queue).
+// token, and the workflow is queued once per `frames_per_prompt` frames (a group: uploaded first, then
+// its prompt queued; Live Input takes the newest whole group). At most `max_in_flight` prompts are
+// queued at a time; a frame that comes while all slots are busy is dropped before it is drawn or
+// encoded (never an unbounded queue).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -31,7 +33,8 @@ class LiveSession {
     this.node = node;
     this.running = false;
     this.inFlight = new Map(); // prompt_id -> time queued
-    this.reserved = 0; // slots taken by frames still being uploaded/queued
+    this.reserved = 0; // slots taken by groups still being uploaded/queued
+    this.group = null; // the group being uploaded: { frames: uploaded so far, size, busy: an upload running }
     this.stats = { captured: 0, dropped: 0, queued: 0, done: 0, errors: 0, started: 0 };
     this.timings = {};
     this.statusWidget = null;
@@ -69,6 +72,7 @@ class LiveSession {
     this.width = valueOf(this.node, "width", 512);
     this.height = valueOf(this.node, "height", 512);
     this.maxInFlight = valueOf(this.node, "max_in_flight", 2);
+    this.group = null;
     this.canvas = document.createElement("canvas");
     this.canvas.width = this.width;
     this.canvas.height = this.height;
@@ -125,7 +129,7 @@ class LiveSession {
       const res = await api.fetchApi(`/turbostream/live/${encodeURIComponent(id)}/open`, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ client_id: api.clientId }),
+        body: JSON.stringify({ client_id: api.clientId, frames_per_prompt: valueOf(this.node, "frames_per_prompt", 1) }),
       });
       const body = await res.json().catch(() => ({}));
       if (res.status === 409) {
@@ -147,6 +151,10 @@ class LiveSession {
     if (!this.running && !this.video) return;
     this.running = false;
     clearInterval(this.timer);
+    if (this.group && !this.group.busy) {
+      this.group = null; // a group waiting for its next frame: its slot is free again
+      this.reserved -= 1;
+    }
     this.closeMedia();
     this.message = reason;
     this.viewUrl = null; // closing the stream ends its views
@@ -210,17 +218,28 @@ class LiveSession {
     for (const [id, t] of this.inFlight) {
       if (now - t > PROMPT_TIMEOUT_MS) this.inFlight.delete(id); // lost track of it: free the slot
     }
-    if (this.busy >= this.maxInFlight) {
+    // a frame joins the open group, or opens one in a free slot; else it is dropped before any work
+    if (this.group ? this.group.busy : this.busy >= this.maxInFlight) {
       this.stats.dropped += 1;
       return;
     }
-    this.reserved += 1;
+    if (!this.group) {
+      // the widget's value now: a change while live applies from the next group (and prompt)
+      this.group = { frames: 0, size: Math.max(1, valueOf(this.node, "frames_per_prompt", 1)), busy: false };
+      this.reserved += 1;
+    }
+    const group = this.group;
+    group.busy = true;
     this.lastCapture = now;
     const t0 = performance.now();
+    let slotHeld = true;
     try {
       const blob = await this.capture();
       const t1 = performance.now();
-      if (!this.running) return;
+      if (!this.running) {
+        if (this.group === group) this.group = null;
+        return;
+      }
       const res = await api.fetchApi(`/turbostream/live/${encodeURIComponent(this.streamId)}/frame`, {
         method: "POST",
         headers: { "Content-Type": "image/jpeg", [TOKEN_HEADER]: this.token, [CAPTURED_HEADER]: String(Date.now()) },
@@ -232,7 +251,18 @@ class LiveSession {
       }
       this.stats.captured += 1;
       const t2 = performance.now();
-      if (!this.running) return;
+      group.frames += 1;
+      group.busy = false;
+      if (!this.running) {
+        if (this.group === group) this.group = null;
+        return;
+      }
+      if (group.frames < group.size) {
+        slotHeld = false; // the group stays open (and its slot reserved) for the next frame
+        this.record({ capture: t1 - t0, upload: t2 - t1 });
+        return;
+      }
+      this.group = null; // complete: the next frame may open a group while this one is queued
       const promptId = await this.queue();
       const t3 = performance.now();
       this.inFlight.set(promptId, t3);
@@ -247,9 +277,10 @@ class LiveSession {
     } catch (err) {
       const detail = err?.response?.error?.message ?? err?.message ?? String(err);
       console.error("[TurboStream] live frame failed:", err);
+      if (this.group === group) this.group = null;
       await this.stop(`stopped: ${detail}`);
     } finally {
-      this.reserved -= 1;
+      if (slotHeld) this.reserved -= 1;
     }
   }
 

@@ -79,7 +79,8 @@ class TurboStreamLiveInput(io.ComfyNode):
             description=(
                 "The newest frame a browser (or any client) sent for stream_id, scaled and centre-cropped "
                 "to width x height. Press Start on the node to stream your webcam or a video file: each "
-                "frame is uploaded and the workflow queued, with at most max_in_flight prompts queued. "
+                "frame is uploaded and the workflow queued (once per frames_per_prompt frames), with at "
+                "most max_in_flight prompts queued. "
                 "Before any frame arrives it outputs the fallback image (or mid-gray) and logs why."
             ),
             inputs=[
@@ -107,10 +108,24 @@ class TurboStreamLiveInput(io.ComfyNode):
                     max=8,
                     tooltip="Prompts the browser keeps queued at most; a new frame waits or is dropped.",
                 ),
+                advanced(
+                    io.Int.Input,
+                    "frames_per_prompt",
+                    default=1,
+                    min=1,
+                    max=core.MAX_FRAMES_PER_PROMPT,
+                    tooltip="Frames the browser sends per queued prompt; the image output is a batch of this many, "
+                    "oldest first. Set Live Img2Img's frame_buffer_size to the same. More frames per prompt "
+                    "spread the prompt's fixed cost (higher frame rate) but add up to frames_per_prompt - 1 "
+                    "capture intervals of latency.",
+                ),
                 io.Image.Input("fallback", optional=True, tooltip="Shown until the first live frame arrives."),
             ],
             outputs=[
-                io.Image.Output(display_name="image", tooltip="The newest frame, width x height (or the fallback)."),
+                io.Image.Output(
+                    display_name="image",
+                    tooltip="The newest frame (frames_per_prompt frames, oldest first), width x height (or the fallback).",
+                ),
                 io.String.Output(
                     display_name="stream_id",
                     tooltip="The stream's id as this tab owns it: wire it to Live Img2Img and Live Output.",
@@ -119,9 +134,14 @@ class TurboStreamLiveInput(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, stream_id, **kwargs):
-        # A new frame makes a new output; with no new frame the cached one is reused.
-        return f"{stream_id}:{SOURCES.latest_seq(stream_id)}"
+    def fingerprint_inputs(cls, stream_id, frames_per_prompt=1, **kwargs):
+        # New frames make a new output; with no new frame the cached one is reused.
+        count = (
+            frames_per_prompt
+            if isinstance(frames_per_prompt, int) and 1 <= frames_per_prompt <= core.MAX_FRAMES_PER_PROMPT
+            else 1
+        )
+        return f"{stream_id}:{SOURCES.group_seqs(stream_id, count)}"
 
     @classmethod
     def validate_inputs(cls, stream_id=None, width=None, height=None) -> bool | str:
@@ -136,20 +156,26 @@ class TurboStreamLiveInput(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, stream_id, width, height, fps=10, max_in_flight=2, fallback=None) -> io.NodeOutput:
+    def execute(
+        cls, stream_id, width, height, fps=10, max_in_flight=2, frames_per_prompt=1, fallback=None
+    ) -> io.NodeOutput:
         node = "TurboStreamLiveInput"
         check_stream_id(node, stream_id)
-        check_numbers(cls, width=width, height=height, fps=fps, max_in_flight=max_in_flight)
+        check_numbers(
+            cls, width=width, height=height, fps=fps, max_in_flight=max_in_flight, frames_per_prompt=frames_per_prompt
+        )
         if width % 8 or height % 8:
             raise NodeInputError(node, "width", f"{width}x{height} must be multiples of 8 (the VAE's factor)")
-        frame = SOURCES.take_latest(stream_id)
-        if frame is not None:
-            image = core.fit_frame(frame.image, width, height)[None]
+        count = frames_per_prompt
+        frames = SOURCES.take_group(stream_id, count)
+        if frames:
+            image = torch.stack([core.fit_frame(frame.image, width, height) for frame in frames])
         elif fallback is not None:
             logger.warning("%s: no live frames for stream %r yet; using the fallback image", node, stream_id)
-            image = fallback[:1].permute(0, 3, 1, 2)
+            image = fallback[:count].permute(0, 3, 1, 2)
             image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", antialias=True)
             image = image.permute(0, 2, 3, 1).clamp(0, 1)
+            image = torch.cat([image, image[-1:].expand(count - image.shape[0], -1, -1, -1)])
         else:
             logger.warning(
                 "%s: no live frames for stream %r yet; output is a gray placeholder. Press Start on the node "
@@ -158,7 +184,7 @@ class TurboStreamLiveInput(io.ComfyNode):
                 stream_id,
                 stream_id,
             )
-            image = torch.full((1, height, width, 3), PLACEHOLDER_GRAY)
+            image = torch.full((count, height, width, 3), PLACEHOLDER_GRAY)
         return io.NodeOutput(image, stream_id)
 
 
@@ -226,17 +252,19 @@ class TurboStreamLiveOutput(io.ComfyNode):
             raise NodeInputError(node, "filename_prefix", problem)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise NodeInputError(node, "images", f"expected an IMAGE batch (B, H, W, 3), got {tuple(images.shape)}")
-        owner, frame, started = SOURCES.owner_and_current(stream_id)
+        owner, taken, started = SOURCES.owner_and_current(stream_id, len(images))
         server = _prompt_server()
         if owner is None and server is not None:
             owner = getattr(server, "client_id", None)  # queued over the API without a live source
-        sent = 0
         jpegs = [core.encode_jpeg(image, quality) for image in images]
         if jpegs:
             SOURCES.set_output(stream_id, jpegs[-1])  # what read-only views (OBS) show
         if server is not None and owner:  # never broadcast: sid None would reach every client
-            compute_ms = (time.monotonic() - started) * 1000 if frame is not None else None
-            for image, jpeg in zip(images, jpegs, strict=True):
+            compute_ms = (time.monotonic() - started) * 1000 if taken else None
+            # output frame i was made from input frame i when the batch sizes agree (Live Input's
+            # frames_per_prompt = the stream's frame_buffer_size); else all from the newest one
+            sources = taken if len(taken) == len(images) else [taken[-1] if taken else None] * len(images)
+            for image, jpeg, frame in zip(images, jpegs, sources, strict=True):
                 payload = {
                     "stream_id": stream_id,
                     "node": cls.hidden.unique_id,
@@ -248,7 +276,6 @@ class TurboStreamLiveOutput(io.ComfyNode):
                     "image": core.preview_url(jpeg),
                 }
                 server.send_sync(core.FRAME_EVENT, payload, owner)
-                sent += 1
         saved = None
         if save_every:
             count = _bump_output_count(stream_id)
@@ -314,8 +341,9 @@ def register_routes() -> None:
             except ValueError:
                 raise core.LiveError(400, 'send JSON {"client_id": "<websocket clientId>"}') from None
             client_id = body.get("client_id") if isinstance(body, dict) else None
+            frames_per_prompt = body.get("frames_per_prompt", 1) if isinstance(body, dict) else 1
             stream_id = request.match_info["stream_id"]
-            token = SOURCES.open(stream_id, client_id, is_connected)
+            token = SOURCES.open(stream_id, client_id, is_connected, frames_per_prompt)
         except core.LiveError as exc:
             return error(exc)
         return web.json_response(
@@ -326,7 +354,7 @@ def register_routes() -> None:
                 "view_url": f"/turbostream/live/{stream_id}/view?token={SOURCES.view_token(stream_id, token)}",
                 "max_bytes": SOURCES.max_bytes,
                 "max_pixels": SOURCES.max_pixels,
-                "ring_size": core.RING_SIZE,
+                "ring_size": core.ring_size(frames_per_prompt),
             }
         )
 

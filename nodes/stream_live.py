@@ -173,7 +173,10 @@ class TurboStreamLiveImg2Img(io.ComfyNode):
         f = frame_buffer_size
         if image.ndim != 4 or image.shape[0] != f:
             raise NodeInputError(
-                node, "image", f"expected {f} frame(s) (frame_buffer_size), got shape {tuple(image.shape)}"
+                node,
+                "image",
+                f"expected {f} frame(s) (frame_buffer_size), got shape {tuple(image.shape)}: set Live Input's "
+                "frames_per_prompt (or the batch feeding this node) to frame_buffer_size",
             )
         _check_sizes(node, "image", image.shape[1], image.shape[2])
         _check_model(node, model)

@@ -99,7 +99,7 @@ def view_stats(page) -> dict:
         """() => {
             const v = window.ts.node('TurboStreamLiveOutput').turbostreamView;
             const s = window.ts.node('TurboStreamLiveInput').turbostreamLive;
-            return {frames: v.frames, fps: v.fps, latency: v.latencyMs, queued: s.stats.queued,
+            return {frames: v.frames, fps: v.fps, latency: v.latencyMs, queued: s.stats.queued, captured: s.stats.captured,
                     running: s.running, message: s.message, streamId: s.streamId,
                     seen: [...new Set(window.__tsFrames)]};
         }"""
@@ -120,6 +120,13 @@ def wait_for_frames(page, n, timeout=120):
 def test_live_webcam_in_the_browser(browser, host, tmp_path):
     ctx_a, page_a, errors_a = open_live_workflow(browser, host, 1920, 1080)
     ctx_b, page_b, errors_b = open_live_workflow(browser, host, 800, 600)
+    # the second tab sends 2 frames per prompt (Live Input's frames_per_prompt, the stream's frame_buffer_size)
+    page_b.evaluate(
+        """() => {
+            window.ts.widget('TurboStreamLiveInput', 'frames_per_prompt').value = 2;
+            window.ts.widget('TurboStreamLiveImg2Img', 'frame_buffer_size').value = 2;
+        }"""
+    )
     try:
         start_or_stop(page_a)
         start_or_stop(page_b)
@@ -127,6 +134,9 @@ def test_live_webcam_in_the_browser(browser, host, tmp_path):
         b = wait_for_frames(page_b, 5)
         assert a["fps"] > 0 and a["latency"] is not None and a["latency"] > 0
         assert b["fps"] > 0
+        # a prompt per frame in tab A, per 2 frames in tab B (a group may be part uploaded, or queueing)
+        assert 0 <= a["captured"] - a["queued"] <= 1, a
+        assert b["queued"] >= 2 and 0 <= b["captured"] - 2 * b["queued"] <= 2, b
 
         # Same workflow, same default id: the second tab got its own id, and nobody sees the other's frames.
         assert a["streamId"] != b["streamId"]

@@ -143,8 +143,60 @@ def test_ring_keeps_the_newest_frames_and_counts_drops():
     assert int(frame.image[0, 0, 0]) == live.RING_SIZE + 2
     assert sources.describe()[0]["dropped"] == 3
     owner, current, _ = sources.owner_and_current("cam")
-    assert owner == "alice" and current is frame
+    assert owner == "alice" and current == [frame]
     assert sources.latest_seq("cam") == frame.seq and sources.latest_seq("other") == -1
+
+
+def _push(sources, token, seqs, stream_id="cam"):
+    for i in seqs:
+        sources.push(stream_id, token, torch.full((2, 2, 3), i, dtype=torch.uint8), captured_ms=float(i))
+
+
+def _seqs(frames):
+    return [f.seq for f in frames]
+
+
+def test_a_prompt_takes_its_clients_whole_group_of_frames():
+    """Frames per prompt: the newest complete group, in order, even with the next group half uploaded."""
+    sources = live.LiveSources()
+    token = sources.open("cam", "alice", frames_per_prompt=3)
+    assert sources.take_group("cam", 3) == []
+    _push(sources, token, [0, 1])
+    assert _seqs(sources.take_group("cam", 3)) == [0, 0, 1]  # no whole group yet: the oldest repeated
+    _push(sources, token, [2, 3, 4])  # group 0 complete, group 1 on its way
+    assert sources.group_seqs("cam", 3) == (0, 1, 2)
+    group = sources.take_group("cam", 3)
+    assert _seqs(group) == [0, 1, 2] and [int(f.image[0, 0, 0]) for f in group] == [0, 1, 2]
+    _push(sources, token, [5])
+    assert _seqs(sources.take_group("cam", 3)) == [3, 4, 5]
+    owner, current, _ = sources.owner_and_current("cam", sent=3)
+    assert owner == "alice" and _seqs(current) == [3, 4, 5] and sources.describe()[0]["sent"] == 3
+    # with one frame per prompt a group is the newest frame, as before
+    assert _seqs(sources.take_group("cam", 1)) == [5] and sources.take_latest("cam").seq == 5
+
+
+def test_the_ring_keeps_two_groups():
+    sources = live.LiveSources()
+    token = sources.open("cam", "alice", frames_per_prompt=4)
+    _push(sources, token, range(8))
+    assert sources.describe()[0]["dropped"] == 0 and _seqs(sources.take_group("cam", 4)) == [4, 5, 6, 7]
+    # a node asking for more frames than the client declared grows the ring from then on
+    token = sources.open("b", "bob")
+    _push(sources, token, range(4), "b")
+    assert _seqs(sources.take_group("b", 4)) == [0, 1, 2, 3]
+    _push(sources, token, range(4, 10), "b")
+    assert _seqs(sources.take_group("b", 4)) == [4, 5, 6, 7] and sources.describe()[1]["dropped"] == 2
+
+
+@pytest.mark.parametrize("count", [0, live.MAX_FRAMES_PER_PROMPT + 1, True, "2", 1.5])
+def test_bad_frames_per_prompt_is_refused(count):
+    sources = live.LiveSources()
+    with pytest.raises(live.LiveError) as err:
+        sources.open("cam", "alice", frames_per_prompt=count)
+    assert err.value.status == 400 and "frames_per_prompt" in str(err.value)
+    sources.open("cam", "alice")
+    with pytest.raises(live.LiveError):
+        sources.take_group("cam", count)
 
 
 def test_source_limit_refuses_new_ids_without_evicting_active_ones():

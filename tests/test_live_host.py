@@ -208,3 +208,78 @@ def test_bad_node_inputs_are_named(host):
 
     err = run(main())
     assert err.status == 400 and "TurboStreamLiveInput: stream_id" in str(err)
+
+
+COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220), (220, 30, 220)]
+
+
+def _pixel(frame: dict) -> tuple[int, ...]:
+    import base64
+
+    with Image.open(io.BytesIO(base64.b64decode(frame["image"].split(",", 1)[1]))) as im:
+        return im.convert("RGB").getpixel((SIZE // 2, SIZE // 2))
+
+
+def _near(a, b, tol=12) -> bool:
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
+def test_several_frames_per_prompt_come_back_in_order(host):
+    """frames_per_prompt 3: a prompt takes its client's whole group, oldest first, even with the next
+    group's upload under way; each output frame carries its own input frame's seq and capture time."""
+    wf = {
+        "1": {
+            "class_type": "TurboStreamLiveInput",
+            "inputs": {"stream_id": "group-cam", "width": SIZE, "height": SIZE, "frames_per_prompt": 3},
+        },
+        "2": {"class_type": "TurboStreamLiveOutput", "inputs": {"images": ["1", 0], "stream_id": ["1", 1]}},
+    }
+
+    async def main():
+        async with LiveClient(host.url) as cl:
+            opened = await cl.open("group-cam", frames_per_prompt=3)
+            for i in range(5):  # group 0, and two frames of group 1
+                await cl.send_frame(jpeg(COLOURS[i]), captured_ms=100.0 + i)
+            first = await cl.queue(wf)
+            assert await cl.wait(first) == "execution_success", cl.errors
+            await cl.send_frame(jpeg(COLOURS[5]), captured_ms=105.0)
+            second = await cl.queue(wf)
+            assert await cl.wait(second) == "execution_success", cl.errors
+            return opened, [await cl.next_frame() for _ in range(6)], cl.frames.qsize()
+
+    opened, frames, more = run(main())
+    assert opened["ring_size"] == 6 and more == 0
+    assert [f["seq"] for f in frames] == [0, 1, 2, 3, 4, 5]
+    assert [f["captured_ms"] for f in frames] == [100.0 + i for i in range(6)]
+    for frame, colour in zip(frames, COLOURS, strict=True):
+        assert _near(_pixel(frame), colour), (frame["seq"], _pixel(frame), colour)
+
+
+def test_live_img2img_streams_a_group_per_prompt(host):
+    """Live Input frames_per_prompt 2 into Live Img2Img frame_buffer_size 2: two frames out per prompt,
+    each with its own input frame's seq; a mismatch is refused naming both inputs."""
+    wf = live_workflow("group-live")
+    wf["6"]["inputs"]["frames_per_prompt"] = 2
+    wf["7"]["inputs"]["frame_buffer_size"] = 2
+
+    async def main():
+        async with LiveClient(host.url) as cl:
+            await cl.open("group-live", frames_per_prompt=2)
+            for k in range(3):
+                await cl.send_frame(jpeg(COLOURS[2 * k]))
+                await cl.send_frame(jpeg(COLOURS[2 * k + 1]))
+                prompt_id = await cl.queue(wf)
+                assert await cl.wait(prompt_id) == "execution_success", cl.errors
+            frames = [await cl.next_frame() for _ in range(6)]
+            bad = dict(wf, **{"7": {**wf["7"], "inputs": {**wf["7"]["inputs"], "frame_buffer_size": 1}}})
+            await cl.send_frame(jpeg(COLOURS[0]))
+            await cl.send_frame(jpeg(COLOURS[1]))
+            prompt_id = await cl.queue(bad)
+            return frames, await cl.wait(prompt_id), cl.errors.get(prompt_id, {})
+
+    frames, ended, error = run(main())
+    assert [f["seq"] for f in frames] == [0, 1, 2, 3, 4, 5]
+    assert ended == "execution_error" and error.get("node_type") == "TurboStreamLiveImg2Img"
+    assert (
+        "frames_per_prompt" in error.get("exception_message", "") and "frame_buffer_size" in error["exception_message"]
+    )

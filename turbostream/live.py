@@ -15,8 +15,14 @@ Rules:
 * Frames are bounded before decoding: body bytes (``TURBOSTREAM_LIVE_MAX_BYTES``, 8 MiB), image
   content types only (JPEG, PNG, WebP), and pixels read from the header before any decode
   (``TURBOSTREAM_LIVE_MAX_PIXELS``, 2048x2048; a decompression bomb never gets decoded).
-* Each source keeps the newest ``RING_SIZE`` frames (uint8, never written to disk); older frames
-  are dropped and counted. Idle sources expire after ``TURBOSTREAM_STREAM_IDLE_S`` seconds once
+* Each source keeps the newest ``RING_SIZE`` frames (uint8, never written to disk), or
+  ``2 * frames_per_prompt`` when a client sends several frames per prompt; older frames are dropped
+  and counted.
+* A prompt takes a *group* of ``frames_per_prompt`` frames (:meth:`LiveSources.take_group`): frame
+  ``seq`` belongs to group ``seq // frames_per_prompt``, and the prompt takes the newest complete
+  group, so a client that uploads a group and then queues its prompt gets exactly its own frames, in
+  order, even with the next group's upload under way. With 1 frame per prompt that is the newest
+  frame. Until a whole group has arrived the newest frames are taken, the oldest repeated to fill it. Idle sources expire after ``TURBOSTREAM_STREAM_IDLE_S`` seconds once
   their owner's websocket is gone (a connected tab waiting on slow prompts keeps its source), and at
   most ``TURBOSTREAM_LIVE_MAX_SOURCES`` exist at once (a new one beyond that is refused with 429,
   never by evicting a stream that is still in use).
@@ -45,6 +51,7 @@ from .registry import DEFAULT_IDLE_SECONDS, validate_stream_id
 logger = logging.getLogger("turbostream")
 
 RING_SIZE = 4
+MAX_FRAMES_PER_PROMPT = 8
 DEFAULT_MAX_BYTES = 8 << 20
 DEFAULT_MAX_PIXELS = 2048 * 2048
 DEFAULT_MAX_SOURCES = 16
@@ -81,8 +88,8 @@ class LiveSource:
     dropped: int = 0
     sent: int = 0
     last_used: float = 0.0
-    current: Frame | None = None
-    """The frame the running prompt took (set by the LiveInput node, read by LiveOutput)."""
+    current: list[Frame] = field(default_factory=list)
+    """The frames the running prompt took, oldest first (set by the LiveInput node, read by LiveOutput)."""
     current_started: float = 0.0
     view_token: str = ""
     """Read-only: lets a view read the output frames (never upload or close)."""
@@ -207,8 +214,17 @@ class LiveSources:
             logger.info("live source %s expired after %.0f s idle", k, self.idle_seconds)
         return idle
 
-    def open(self, stream_id: str, client_id: str, is_connected: Callable[[str], bool] | None = None) -> str:
+    def open(
+        self,
+        stream_id: str,
+        client_id: str,
+        is_connected: Callable[[str], bool] | None = None,
+        frames_per_prompt: int = 1,
+    ) -> str:
         """Claim ``stream_id`` for ``client_id``; returns the token that frames must carry.
+
+        ``frames_per_prompt`` (1..``MAX_FRAMES_PER_PROMPT``) sizes the ring for a client that sends
+        that many frames per prompt (two groups: the one a prompt takes and the next one arriving).
 
         The same client may re-open (a reloaded tab gets a new token). Another client gets 409 while
         the owner's websocket is connected; a source whose owner is gone is handed over.
@@ -217,6 +233,7 @@ class LiveSources:
         is_connected = is_connected or (lambda _: True)
         if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.match(client_id):
             raise LiveError(400, "client_id must be the websocket clientId (1-64 letters, digits, '_' or '-')")
+        _check_frames_per_prompt(frames_per_prompt)
         if not is_connected(client_id):
             raise LiveError(400, f"client {client_id!r} has no open websocket: connect /ws?clientId=... first")
         self.sweep()
@@ -231,7 +248,12 @@ class LiveSources:
             token = secrets.token_urlsafe(24)
             view_token = secrets.token_urlsafe(24)
             self._sources[stream_id] = LiveSource(
-                stream_id, client_id, token, last_used=self.clock(), view_token=view_token
+                stream_id,
+                client_id,
+                token,
+                frames=deque(maxlen=ring_size(frames_per_prompt)),
+                last_used=self.clock(),
+                view_token=view_token,
             )
         logger.info("live source %s opened", stream_id)
         return token
@@ -299,31 +321,47 @@ class LiveSources:
             del self._sources[stream_id]
         logger.info("live source %s closed", stream_id)
 
-    def take_latest(self, stream_id: str) -> Frame | None:
-        """The newest frame (kept in the ring), marked as the running prompt's frame; None if none."""
+    def take_group(self, stream_id: str, count: int = 1) -> list[Frame]:
+        """The newest complete group of ``count`` frames, oldest first, marked as the running prompt's
+        frames ([] when the source has none). Frames stay in the ring (a later prompt may take them
+        again when no newer group arrived). See the module rules for the grouping."""
+        _check_frames_per_prompt(count)
         self.sweep()
         with self._lock:
             src = self._sources.get(stream_id)
             if src is None or not src.frames:
-                return None
-            src.current, src.current_started = src.frames[-1], self.clock()
+                return []
+            if src.frames.maxlen < ring_size(count):  # the node asks for more than the client declared
+                src.frames = deque(src.frames, maxlen=ring_size(count))
+            src.current, src.current_started = _group(src.frames, count), self.clock()
             src.last_used = src.current_started
-            return src.current
+            return list(src.current)
+
+    def take_latest(self, stream_id: str) -> Frame | None:
+        """The newest frame (kept in the ring), marked as the running prompt's frame; None if none."""
+        frames = self.take_group(stream_id, 1)
+        return frames[-1] if frames else None
+
+    def group_seqs(self, stream_id: str, count: int = 1) -> tuple[int, ...]:
+        """The sequence numbers :meth:`take_group` would take now (() when none): a cache key."""
+        with self._lock:
+            src = self._sources.get(stream_id)
+            return tuple(f.seq for f in _group(src.frames, count)) if src is not None and src.frames else ()
 
     def latest_seq(self, stream_id: str) -> int:
         with self._lock:
             src = self._sources.get(stream_id)
             return src.frames[-1].seq if src is not None and src.frames else -1
 
-    def owner_and_current(self, stream_id: str) -> tuple[str | None, Frame | None, float]:
-        """For an output frame: (owner client id, the frame it was made from, when that prompt took it)."""
+    def owner_and_current(self, stream_id: str, sent: int = 1) -> tuple[str | None, list[Frame], float]:
+        """For ``sent`` output frames: (owner client id, the frames the prompt took, when it took them)."""
         with self._lock:
             src = self._sources.get(stream_id)
             if src is None:
-                return None, None, 0.0
-            src.sent += 1
+                return None, [], 0.0
+            src.sent += sent
             src.last_used = self.clock()
-            return src.owner, src.current, src.current_started
+            return src.owner, list(src.current), src.current_started
 
     def describe(self) -> list[dict]:
         """Public facts only (no owners, no tokens)."""
@@ -399,6 +437,29 @@ def view_html(stream_id: str) -> str:
     """The view page for ``stream_id`` (the id is validated: letters, digits, ``_ . -`` only)."""
     _check_stream_id(stream_id)
     return VIEW_PAGE.format(title=stream_id)
+
+
+def ring_size(frames_per_prompt: int) -> int:
+    """How many frames a source keeps for a client sending ``frames_per_prompt`` frames per prompt."""
+    return max(RING_SIZE, 2 * frames_per_prompt)
+
+
+def _group(frames: deque, count: int) -> list[Frame]:
+    """The newest complete group of ``count`` frames in ``frames`` (see the module rules), else the
+    newest ``count`` frames with the oldest repeated to fill the group."""
+    end = (frames[-1].seq + 1) // count * count  # one past the newest complete group
+    group = [f for f in frames if end - count <= f.seq < end]
+    if len(group) == count:
+        return group
+    newest = list(frames)[-count:]
+    return [newest[0]] * (count - len(newest)) + newest
+
+
+def _check_frames_per_prompt(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FRAMES_PER_PROMPT:
+        raise LiveError(
+            400, f"frames_per_prompt must be a whole number from 1 to {MAX_FRAMES_PER_PROMPT}, got {value!r}"
+        )
 
 
 def _check_stream_id(stream_id: str) -> None:

@@ -43,6 +43,10 @@ class LiveClient:
         self.errors: dict[str, dict] = {}
         self._events: dict[str, asyncio.Event] = {}
         self.executing: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (prompt_id, node id) as nodes start
+        self.timeline: dict[str, dict[str, float]] | None = None
+        """Set to {} to record when each prompt's messages arrived (perf_counter s): "start", "node <id>",
+        "done" (its end), "frame" (a frame pushed while it ran); for benches."""
+        self._running: str | None = None
 
     async def __aenter__(self) -> LiveClient:
         self.session = aiohttp.ClientSession()
@@ -62,6 +66,8 @@ class LiveClient:
                 continue
             event = json.loads(msg.data)
             kind, data = event.get("type"), event.get("data") or {}
+            if self.timeline is not None:
+                self._record(kind, data)
             if kind == LIVE_FRAME_EVENT:
                 data["received_ms"] = time.time() * 1000
                 self.frames.put_nowait(data)
@@ -73,16 +79,29 @@ class LiveClient:
                     self.errors[data["prompt_id"]] = data  # node_id / node_type say where it stopped
                 self._events.setdefault(data["prompt_id"], asyncio.Event()).set()
 
+    def _record(self, kind: str, data: dict) -> None:
+        now, prompt_id = time.perf_counter(), data.get("prompt_id")
+        if kind == "execution_start" and prompt_id:
+            self._running = prompt_id
+            self.timeline.setdefault(prompt_id, {})["start"] = now
+        elif kind == "executing" and prompt_id and data.get("node") is not None:
+            self.timeline.setdefault(prompt_id, {}).setdefault(f"node {data['node']}", now)
+        elif kind in DONE_EVENTS and prompt_id:
+            self.timeline.setdefault(prompt_id, {})["done"] = now
+        elif kind == LIVE_FRAME_EVENT and self._running:
+            self.timeline.setdefault(self._running, {}).setdefault("frame", now)
+
     async def _json(self, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         body = await resp.json(content_type=None)
         if resp.status != 200:
             raise LiveClientError(resp.status, (body or {}).get("error", str(body)))
         return body
 
-    async def open(self, stream_id: str) -> dict[str, Any]:
-        async with self.session.post(
-            f"{self.base}/turbostream/live/{stream_id}/open", json={"client_id": self.client_id}
-        ) as resp:
+    async def open(self, stream_id: str, frames_per_prompt: int = 1) -> dict[str, Any]:
+        """Claim ``stream_id``; send ``frames_per_prompt`` frames before each prompt when Live Input's
+        ``frames_per_prompt`` says so (the source then keeps enough frames for it)."""
+        body = {"client_id": self.client_id, "frames_per_prompt": frames_per_prompt}
+        async with self.session.post(f"{self.base}/turbostream/live/{stream_id}/open", json=body) as resp:
             body = await self._json(resp)
         self.stream_id, self.token = stream_id, body["token"]
         return body
