@@ -6,7 +6,7 @@ VENV_PY = "$$($(BOOTSTRAP_PY) -m turbostream venv-python)"
 CURRENT_HOST_ARCHIVE ?= ../shared/hosts/comfyui-0.33.0.tar.gz
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-current demo-current docs-pictures bench add-toy reliability lint format serve clean
+.PHONY: setup demo test test-unit test-current demo-current docs-pictures bench bench-gpu add-toy reliability lint format serve clean
 
 setup:
 	$(BOOTSTRAP_PY) -m turbostream setup
@@ -35,6 +35,14 @@ test-unit: setup
 
 bench: setup
 	$(VENV_PY) bench/run.py $(if $(K),-k $(K))
+
+# On an NVIDIA GPU: set up, then the 512x512 1-step benchmark (bench/gpu.py). Elsewhere: says so, exits 0.
+bench-gpu:
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(MAKE) setup && $(VENV_PY) bench/gpu.py; \
+	else \
+		echo "make bench-gpu: no NVIDIA GPU here (nvidia-smi finds none); nothing was measured. Run it on a machine with one."; \
+	fi
 
 reliability: setup
 	$(VENV_PY) bench/reliability.py

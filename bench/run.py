@@ -44,10 +44,12 @@ class Context:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-k", help="only benchmarks whose module name contains this")
+    parser.add_argument("-k", help="only benchmarks whose module name contains this (or just the one it names exactly)")
     parser.add_argument("-n", type=int, default=7, help="timed rounds per configuration (median)")
     args = parser.parse_args()
     modules = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py") if not args.k or args.k in p.stem)
+    if args.k in modules or f"bench_{args.k}" in modules:  # an exact name: only that module
+        modules = [args.k if args.k in modules else f"bench_{args.k}"]
     ctx = Context(n=args.n, out_dir=REPO_ROOT / "out" / "bench")
     rows, started = [], time.time()
     results = BENCH_DIR / "results"
@@ -74,8 +76,15 @@ def main() -> int:
             f"{r['ratio_a_over_b']:.2f} | {r['n']} | {r['note']} |"
         )
     print("\n".join(lines))
+    regenerate_doc(time.time() - started)
+    return 0
+
+
+def regenerate_doc(seconds: float = 0.0) -> None:
+    """``results/latest.json`` and ``docs/benchmarks.md`` from every module's results file."""
+    results = BENCH_DIR / "results"
     merged = []
-    for path in sorted(results.glob("bench_*.json")):
+    for path in sorted(results.glob("*@*.json")):
         data = json.loads(path.read_text())
         merged += [
             {
@@ -87,9 +96,8 @@ def main() -> int:
             }
             for r in data["results"]
         ]
-    _write_json(results / "latest.json", machine, time.time() - started, merged)
+    _write_json(results / "latest.json", machine_line(), seconds, merged)
     _write_doc(REPO_ROOT / "docs" / "benchmarks.md", merged)
-    return 0
 
 
 DOC_HEAD = """# Benchmarks

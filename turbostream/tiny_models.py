@@ -376,22 +376,45 @@ REAL_SD15_UNET_CONFIG = {
 }
 
 
-def make_real_sd15_unet(out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int = DEFAULT_SEED) -> Path:
-    """Write ``REAL_SD15_UNET`` once (UNet keys only, loadable with the host's UNETLoader)."""
+REAL_SD21_UNET = TinyFile("diffusion_models", "sd21-unet-random.safetensors")
+"""A real-size SD2.1-layout UNet (SD-Turbo's architecture, ~866M parameters) with random weights: only
+for the GPU benchmark (``make bench-gpu``)."""
+REAL_SD21_UNET_CONFIG = {
+    **REAL_SD15_UNET_CONFIG,
+    # SD2.x: OpenCLIP ViT-H context (1024), linear proj_in/out, 64-channel heads
+    "context_dim": 1024,
+    "use_linear_in_transformer": True,
+    "num_heads": -1,
+    "num_head_channels": 64,
+}
+REAL_UNETS = {"sd15": (REAL_SD15_UNET, REAL_SD15_UNET_CONFIG), "sd21": (REAL_SD21_UNET, REAL_SD21_UNET_CONFIG)}
+
+
+def make_real_unet(
+    family: str, out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int = DEFAULT_SEED
+) -> Path:
+    """Write the real-size random UNet of ``family`` (``REAL_UNETS``) once (UNet keys only, loadable
+    with the host's UNETLoader)."""
     from safetensors.torch import save_file
 
-    path = Path(out_dir) / REAL_SD15_UNET.folder / REAL_SD15_UNET.name
+    file, unet_config = REAL_UNETS[family]
+    path = Path(out_dir) / file.folder / file.name
     if not path.is_file():
         _import_host(host_dir)
         import comfy.supported_models as supported_models
 
-        config = supported_models.SD15(dict(REAL_SD15_UNET_CONFIG))
+        config = getattr(supported_models, FAMILY_CLASSES[family])(dict(unet_config))
         with torch.device("meta"):
             meta = config.get_model({}).diffusion_model.state_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(_materialize(meta, seed), str(path.with_suffix(".tmp")))
         os.replace(path.with_suffix(".tmp"), path)
     return path
+
+
+def make_real_sd15_unet(out_dir: str | os.PathLike, host_dir: str | os.PathLike, seed: int = DEFAULT_SEED) -> Path:
+    """Write ``REAL_SD15_UNET`` once (UNet keys only, loadable with the host's UNETLoader)."""
+    return make_real_unet("sd15", out_dir, host_dir, seed)
 
 
 REAL_SD15_CONTROLNET = TinyFile("controlnet", "sd15-controlnet-random.safetensors")
