@@ -26,6 +26,7 @@ sys.path.insert(0, str(BENCH))
 from harness import Comparison, host_in_process, tiny_lcm_sd15  # noqa: E402
 
 CALLS = 20
+STEPS = 200
 """Calls per configuration and round; a round times the prepared calls against raw forwards inside one
 sampling pass, then one-pass-per-call calls against raw forwards (each pair back to back)."""
 
@@ -94,6 +95,20 @@ def run(ctx) -> list[Comparison]:
                         noop.append(time.perf_counter() - t0)
 
             hs.with_host_sampling(model, 0, positive, None, sigmas, tuple(x.shape), body)
+            # the host's own floor: a KSampler step on the same no-op UNet (its model wrapper, cfg 1,
+            # euler), from the time of 1 + STEPS steps minus 1 step, interleaved
+            latent = {"samples": torch.zeros(2, 4, 8, 8)}
+
+            def ksampler(steps):
+                host_nodes.common_ksampler(model, 0, steps, 1.0, "euler", "normal", positive, positive, latent)
+
+            one, many = [], []
+            for i in range(max(3, ctx.n)):
+                for steps, acc in ((1, one), (1 + STEPS, many))[:: 1 if i % 2 else -1]:
+                    t0 = time.perf_counter()
+                    ksampler(steps)
+                    acc.append(time.perf_counter() - t0)
+            host_step = (statistics.median(many) - statistics.median(one)) / STEPS
     finally:
         del unet.forward  # the class's forward again
 
@@ -125,4 +140,18 @@ def run(ctx) -> list[Comparison]:
                 ),
             )
         )
+    rows.append(
+        Comparison(
+            "the host path alone (UNet forward a no-op), per model evaluation",
+            "stream call (prepared once per prompt)",
+            "host KSampler step (euler, cfg 1)",
+            statistics.median(noop),
+            host_step,
+            len(noop),
+            f"tiny SD1.5, 64², batch 2; {1000 * statistics.median(noop):.2f} vs {1000 * host_step:.2f} ms; "
+            "the host's own per-evaluation work (its model wrapper builds the "
+            "conditioning batch, reads free memory, applies the model sampling) is the floor for any path "
+            "that stays on it: A - B is what the pack adds per call",
+        )
+    )
     return rows

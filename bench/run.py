@@ -112,6 +112,12 @@ limits a row is held to are in its note.
 
 def _write_doc(path: Path, rows: list[dict]) -> None:
     lines = [DOC_HEAD]
+    if not any(r["module"] == "gpu" for r in rows):
+        lines += [
+            "No GPU rows yet: `make bench-gpu` (`bench/gpu.py`) on a machine with an NVIDIA GPU adds them "
+            "(512² 1-step img2img, SD-Turbo's architecture).",
+            "",
+        ]
     for module, host in sorted({(r["module"], r["host"]) for r in rows}):
         mine = [r for r in rows if (r["module"], r["host"]) == (module, host)]
         doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()

@@ -2,7 +2,9 @@
 //
 // The server pushes "turbostream.live.frame" messages to the client that owns the stream only;
 // each names the LiveOutput node that made it, the capture time the browser stamped on the input
-// frame (so latency is measured on one clock), and the frame as a JPEG data URL.
+// frame (so latency is measured on one clock), and the frame as a JPEG data URL. Frames that arrive
+// together (Live Input's frames_per_prompt > 1 sends a group per prompt) are shown spaced by their
+// capture intervals, not all at once; at most PACED_MAX wait, the oldest give way.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -10,6 +12,8 @@ const NODE_TYPE = "TurboStreamLiveOutput";
 const FRAME_EVENT = "turbostream.live.frame";
 const FPS_FRAMES = 10; // fps over the last 10 arrivals
 const LATENCY_WINDOW = 30;
+const PACED_MAX = 8;
+const PACED_GAP_MAX_MS = 250;
 
 class LiveView {
   constructor() {
@@ -19,6 +23,8 @@ class LiveView {
     this.streamIds = new Set();
     this.fps = 0;
     this.latencyMs = null;
+    this.pending = [];
+    this.timer = null;
 
     this.element = document.createElement("div");
     Object.assign(this.element.style, { position: "relative", width: "100%", height: "100%", background: "#111" });
@@ -37,6 +43,25 @@ class LiveView {
     });
     this.overlay.textContent = "waiting for frames";
     this.element.append(this.image, this.overlay);
+  }
+
+  // Show now, or after the frames before it (spaced as they were captured).
+  enqueue(detail) {
+    this.pending.push(detail);
+    if (this.pending.length > PACED_MAX) this.pending.splice(0, this.pending.length - PACED_MAX);
+    if (this.timer === null) this.drain();
+  }
+
+  drain() {
+    const detail = this.pending.shift();
+    if (!detail) {
+      this.timer = null;
+      return;
+    }
+    this.show(detail);
+    const next = this.pending[0];
+    const gap = next ? Number(next.captured_ms) - Number(detail.captured_ms) : 0;
+    this.timer = setTimeout(() => this.drain(), Number.isFinite(gap) ? Math.min(PACED_GAP_MAX_MS, Math.max(0, gap)) : 0);
   }
 
   show(detail) {
@@ -71,7 +96,7 @@ app.registerExtension({
       const detail = event.detail ?? {};
       const node = findNode(detail.node);
       if (node?.turbostreamView && typeof detail.image === "string" && detail.image.startsWith("data:image/")) {
-        node.turbostreamView.show(detail);
+        node.turbostreamView.enqueue(detail);
       }
     });
   },
