@@ -96,14 +96,11 @@ async def _python_round(host, workflow: dict, frames: list[bytes], stream_id: st
     latencies, done = [], 0
     async with LiveClient(host.url) as cl:
         await cl.open(stream_id, frames_per_prompt=per_prompt)
-        in_flight: set[str] = set()
         start = time.monotonic()
         c0 = t0 = None
         k = 0
         while time.monotonic() - start < WARMUP_S + WINDOW_S:
-            while len(in_flight) >= IN_FLIGHT:
-                await asyncio.sleep(0.002)
-                in_flight = {p for p in in_flight if p not in cl.finished}
+            await cl.wait_for_slot(IN_FLIGHT, 0.002)
             while not cl.frames.empty():
                 frame = cl.frames.get_nowait()
                 if t0 is not None:
@@ -111,14 +108,13 @@ async def _python_round(host, workflow: dict, frames: list[bytes], stream_id: st
                     latencies.append(frame["received_ms"] - frame["captured_ms"])
             if t0 is None and time.monotonic() - start >= WARMUP_S:
                 c0, t0 = _cpu_seconds(), time.monotonic()
-            for _ in range(per_prompt):
-                await cl.send_frame(frames[k % len(frames)], content_type="image/jpeg")
-                k += 1
-            in_flight.add(await cl.queue(wf))
+            await cl.send_frames([frames[(k + j) % len(frames)] for j in range(per_prompt)])
+            k += per_prompt
+            await cl.queue(wf)
         span = time.monotonic() - t0
         c1 = _cpu_seconds()
-        for _ in range(len(in_flight) * per_prompt):
-            await cl.next_frame(timeout=120)
+        for prompt_id in list(cl.in_flight):
+            await cl.wait(prompt_id, timeout=120)
         await cl.close()
     return {
         "fps": done / span,

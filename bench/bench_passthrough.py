@@ -54,25 +54,20 @@ async def _round(host, fmt: str, in_flight_max: int, per_prompt: int) -> dict:
     async with LiveClient(host.url) as cl:
         cl.timeline = {}
         await cl.open("passthrough", frames_per_prompt=per_prompt)
-        in_flight: set[str] = set()
         t0 = time.perf_counter()
         for k in range(0, FRAMES, per_prompt):
-            while len(in_flight) >= in_flight_max:
-                await asyncio.sleep(0.0002)
-                in_flight = {p for p in in_flight if p not in cl.finished}
+            await cl.wait_for_slot(in_flight_max)
             a = time.perf_counter()
-            for j in range(per_prompt):
-                await cl.send_frame(frames[(k + j) % len(frames)], content_type=content_type)
+            await cl.send_frames([frames[(k + j) % len(frames)] for j in range(per_prompt)], content_type)
             b = time.perf_counter()
             prompt_id = await cl.queue(workflow)
             c = time.perf_counter()
-            in_flight.add(prompt_id)
             upload.append((b - a) / per_prompt)
             queue.append(c - b)
             cl.timeline.setdefault(prompt_id, {})["queued"] = c
         got = [await cl.next_frame(timeout=60) for _ in range(FRAMES)]
         wall = time.perf_counter() - t0
-        for prompt_id in list(in_flight):
+        for prompt_id in list(cl.in_flight):
             await cl.wait(prompt_id)
         await cl.close()
     latency = [f["received_ms"] - f["captured_ms"] for f in got]

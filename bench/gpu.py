@@ -143,18 +143,15 @@ async def _window(host, workflow: dict, frames: list[bytes], count: int) -> dict
         await cl.open(workflow["6"]["inputs"]["stream_id"] + "-" + cl.client_id[:6], frames_per_prompt=per_prompt)
         wf = copy.deepcopy(workflow)
         wf["6"]["inputs"]["stream_id"] = cl.stream_id
-        in_flight: set[str] = set()
         t0 = time.perf_counter()
+        queued = []
         for k in range(0, count, per_prompt):
-            while len(in_flight) >= IN_FLIGHT:
-                await asyncio.sleep(0.001)
-                in_flight = {p for p in in_flight if p not in cl.finished}
-            for j in range(per_prompt):
-                await cl.send_frame(frames[(k + j) % len(frames)])
-            in_flight.add(await cl.queue(wf))
+            await cl.wait_for_slot(IN_FLIGHT, 0.001)
+            await cl.send_frames([frames[(k + j) % len(frames)] for j in range(per_prompt)])
+            queued.append(await cl.queue(wf))
         got = [await cl.next_frame(timeout=600) for _ in range(count)]
         wall = time.perf_counter() - t0
-        for prompt_id in in_flight:
+        for prompt_id in queued:
             if await cl.wait(prompt_id, timeout=600) != "execution_success":
                 raise RuntimeError(f"{workflow['7']['class_type']}: {cl.errors.get(prompt_id)}")
         await cl.close()

@@ -47,6 +47,8 @@ class LiveClient:
         """Set to {} to record when each prompt's messages arrived (perf_counter s): "start", "node <id>",
         "done" (its end), "frame" (a frame pushed while it ran); for benches."""
         self._running: str | None = None
+        self.in_flight: set[str] = set()
+        """Prompts this client queued that have not ended yet."""
 
     async def __aenter__(self) -> LiveClient:
         self.session = aiohttp.ClientSession()
@@ -75,6 +77,7 @@ class LiveClient:
                 self.executing.put_nowait((data.get("prompt_id"), str(data["node"])))
             elif kind in DONE_EVENTS and data.get("prompt_id"):
                 self.finished[data["prompt_id"]] = kind
+                self.in_flight.discard(data["prompt_id"])
                 if kind != "execution_success":
                     self.errors[data["prompt_id"]] = data  # node_id / node_type say where it stopped
                 self._events.setdefault(data["prompt_id"], asyncio.Event()).set()
@@ -129,7 +132,19 @@ class LiveClient:
             if resp.status != 200:
                 raise LiveClientError(resp.status, json.dumps(body)[:2000])
         self._events.setdefault(body["prompt_id"], asyncio.Event())
+        if body["prompt_id"] not in self.finished:
+            self.in_flight.add(body["prompt_id"])
         return body["prompt_id"]
+
+    async def wait_for_slot(self, limit: int, poll_s: float = 0.0002) -> None:
+        """Until fewer than ``limit`` of this client's prompts are in flight (queued or running)."""
+        while len(self.in_flight) >= limit:
+            await asyncio.sleep(poll_s)
+
+    async def send_frames(self, frames: list[bytes], content_type: str = "image/jpeg") -> None:
+        """Upload ``frames`` in order: one prompt's group when Live Input's frames_per_prompt is ``len(frames)``."""
+        for data in frames:
+            await self.send_frame(data, content_type=content_type)
 
     async def wait(self, prompt_id: str, timeout: float = 120) -> str:
         """How the prompt ended (``execution_success``...); raises TimeoutError."""
