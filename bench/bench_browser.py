@@ -31,7 +31,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from harness import Comparison  # noqa: E402
+from harness import Comparison, noise_frames  # noqa: E402
 
 from turbostream.live_client import LiveClient  # noqa: E402
 
@@ -123,21 +123,6 @@ async def _python_round(host, workflow: dict, frames: list[bytes], stream_id: st
     }
 
 
-def _jpeg_frames(n: int = 8) -> list[bytes]:
-    import io
-
-    import torch
-    from PIL import Image
-
-    out = []
-    for i in range(n):
-        rgb = torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(i))
-        buf = io.BytesIO()
-        Image.fromarray((rgb * 255).byte().numpy()).save(buf, format="JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
-
-
 def run(ctx) -> list[Comparison]:
     sys.path.insert(0, str(REPO / "tests"))
     import shutil
@@ -150,7 +135,7 @@ def run(ctx) -> list[Comparison]:
 
     workflow = json.loads((REPO / "workflows/api/live_webcam_img2img.json").read_text())
     workflow["6"]["inputs"].update(width=SIZE, height=SIZE)
-    frames = _jpeg_frames()
+    frames = noise_frames(SIZE)
     rounds = max(1, min(ctx.n, 2))
     rows = []
     with sync_playwright() as pw:

@@ -12,7 +12,6 @@ and pushing the frame). Settings alternate round by round.
 from __future__ import annotations
 
 import asyncio
-import io
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import Comparison  # noqa: E402
+from harness import Comparison, noise_frames  # noqa: E402
 
 from turbostream.live_client import LiveClient  # noqa: E402
 
@@ -35,21 +34,8 @@ def _workflow(per_prompt: int) -> dict:
     }
 
 
-def _frames(fmt: str) -> list[bytes]:
-    import torch
-    from PIL import Image
-
-    out = []
-    for i in range(8):
-        rgb = torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(i))
-        buf = io.BytesIO()
-        Image.fromarray((rgb * 255).byte().numpy()).save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-        out.append(buf.getvalue())
-    return out
-
-
 async def _round(host, fmt: str, in_flight_max: int, per_prompt: int) -> dict:
-    frames, content_type = _frames(fmt), f"image/{fmt.lower()}"
+    frames, content_type = noise_frames(SIZE, fmt), f"image/{fmt.lower()}"
     upload, queue, workflow = [], [], _workflow(per_prompt)
     async with LiveClient(host.url) as cl:
         cl.timeline = {}

@@ -68,7 +68,10 @@ def _workflow(path: str, compiled: bool, size: int, smoke: bool) -> dict:
     video_node = json.loads((api / "stream_video_img2img.json").read_text())["8"]["inputs"]
     wf: dict = {
         "c": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_models.CHECKPOINTS["sd21"].name}},
-        "2": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": "eps", "zsnr": False}},
+        "2": {
+            "class_type": "ModelSamplingDiscrete",
+            "inputs": {"model": ["c", 0] if smoke else ["1", 0], "sampling": "eps", "zsnr": False},
+        },
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor fox, soft light", "clip": ["c", 1]}},
         "4n": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["c", 1]}},
         "5": {
@@ -86,12 +89,7 @@ def _workflow(path: str, compiled: bool, size: int, smoke: bool) -> dict:
         },
         "8": {"class_type": "TurboStreamLiveOutput", "inputs": {"images": ["7", 0], "stream_id": ["6", 1]}},
     }
-    if smoke:
-        wf["1"] = {
-            "class_type": "CheckpointLoaderSimple",
-            "inputs": {"ckpt_name": tiny_models.CHECKPOINTS["sd21"].name},
-        }
-    else:
+    if not smoke:  # the smoke run takes the tiny checkpoint's own UNet
         wf["1"] = {
             "class_type": "UNETLoader",
             "inputs": {"unet_name": tiny_models.REAL_SD21_UNET.name, "weight_dtype": "default"},

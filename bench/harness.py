@@ -47,6 +47,22 @@ def interleaved(a: Callable[[int], None], b: Callable[[int], None], n: int, warm
     return statistics.median(ta), statistics.median(tb)
 
 
+def noise_frames(size: int, fmt: str = "JPEG", count: int = 8) -> list[bytes]:
+    """``count`` seeded ``size``x``size`` RGB noise frames, encoded as ``fmt`` (JPEG at quality 85)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    out = []
+    for i in range(count):
+        rgb = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(i))
+        buf = io.BytesIO()
+        Image.fromarray((rgb * 255).byte().numpy()).save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+        out.append(buf.getvalue())
+    return out
+
+
 def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
     try:

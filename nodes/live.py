@@ -135,12 +135,9 @@ class TurboStreamLiveInput(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, stream_id, frames_per_prompt=1, **kwargs):
-        # New frames make a new output; with no new frame the cached one is reused.
-        count = (
-            frames_per_prompt
-            if isinstance(frames_per_prompt, int) and 1 <= frames_per_prompt <= core.MAX_FRAMES_PER_PROMPT
-            else 1
-        )
+        # New frames make a new output; with no new frame the cached one is reused. A bad count is
+        # refused by execute, with the input named (a fingerprint must not raise).
+        count = frames_per_prompt if core.valid_frames_per_prompt(frames_per_prompt) else 1
         return f"{stream_id}:{SOURCES.group_seqs(stream_id, count)}"
 
     @classmethod

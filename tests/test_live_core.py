@@ -138,13 +138,13 @@ def test_ring_keeps_the_newest_frames_and_counts_drops():
     token = sources.open("cam", "alice")
     for i in range(live.RING_SIZE + 3):
         sources.push("cam", token, torch.full((2, 2, 3), i, dtype=torch.uint8), captured_ms=float(i))
-    frame = sources.take_latest("cam")
+    [frame] = sources.take_group("cam")
     assert frame.seq == live.RING_SIZE + 2 and frame.captured_ms == live.RING_SIZE + 2
     assert int(frame.image[0, 0, 0]) == live.RING_SIZE + 2
     assert sources.describe()[0]["dropped"] == 3
     owner, current, _ = sources.owner_and_current("cam")
     assert owner == "alice" and current == [frame]
-    assert sources.latest_seq("cam") == frame.seq and sources.latest_seq("other") == -1
+    assert sources.group_seqs("cam") == (frame.seq,) and sources.group_seqs("other") == ()
 
 
 def _push(sources, token, seqs, stream_id="cam"):
@@ -172,7 +172,7 @@ def test_a_prompt_takes_its_clients_whole_group_of_frames():
     owner, current, _ = sources.owner_and_current("cam", sent=3)
     assert owner == "alice" and _seqs(current) == [3, 4, 5] and sources.describe()[0]["sent"] == 3
     # with one frame per prompt a group is the newest frame, as before
-    assert _seqs(sources.take_group("cam", 1)) == [5] and sources.take_latest("cam").seq == 5
+    assert _seqs(sources.take_group("cam", 1)) == [5] and sources.group_seqs("cam") == (5,)
 
 
 def test_the_ring_keeps_two_groups():
@@ -219,7 +219,7 @@ def test_idle_sources_expire():
     now[0] = 12.0
     assert sources.sweep() == ["b"]
     now[0] = 30.0
-    assert sources.take_latest("a") is None and len(sources) == 0
+    assert sources.take_group("a") == [] and len(sources) == 0
 
 
 def test_a_connected_owner_keeps_an_idle_source():

@@ -266,14 +266,12 @@ def test_live_img2img_streams_a_group_per_prompt(host):
         async with LiveClient(host.url) as cl:
             await cl.open("group-live", frames_per_prompt=2)
             for k in range(3):
-                await cl.send_frame(jpeg(COLOURS[2 * k]))
-                await cl.send_frame(jpeg(COLOURS[2 * k + 1]))
+                await cl.send_frames([jpeg(COLOURS[2 * k]), jpeg(COLOURS[2 * k + 1])])
                 prompt_id = await cl.queue(wf)
                 assert await cl.wait(prompt_id) == "execution_success", cl.errors
             frames = [await cl.next_frame() for _ in range(6)]
             bad = dict(wf, **{"7": {**wf["7"], "inputs": {**wf["7"]["inputs"], "frame_buffer_size": 1}}})
-            await cl.send_frame(jpeg(COLOURS[0]))
-            await cl.send_frame(jpeg(COLOURS[1]))
+            await cl.send_frames([jpeg(COLOURS[0]), jpeg(COLOURS[1])])
             prompt_id = await cl.queue(bad)
             return frames, await cl.wait(prompt_id), cl.errors.get(prompt_id, {})
 

@@ -22,10 +22,11 @@ Rules:
   ``seq`` belongs to group ``seq // frames_per_prompt``, and the prompt takes the newest complete
   group, so a client that uploads a group and then queues its prompt gets exactly its own frames, in
   order, even with the next group's upload under way. With 1 frame per prompt that is the newest
-  frame. Until a whole group has arrived the newest frames are taken, the oldest repeated to fill it. Idle sources expire after ``TURBOSTREAM_STREAM_IDLE_S`` seconds once
-  their owner's websocket is gone (a connected tab waiting on slow prompts keeps its source), and at
-  most ``TURBOSTREAM_LIVE_MAX_SOURCES`` exist at once (a new one beyond that is refused with 429,
-  never by evicting a stream that is still in use).
+  frame. Until a whole group has arrived the newest frames are taken, the oldest repeated to fill it.
+* Idle sources expire after ``TURBOSTREAM_STREAM_IDLE_S`` seconds once their owner's websocket is
+  gone (a connected tab waiting on slow prompts keeps its source), and at most
+  ``TURBOSTREAM_LIVE_MAX_SOURCES`` exist at once (a new one beyond that is refused with 429, never by
+  evicting a stream that is still in use).
 """
 
 from __future__ import annotations
@@ -337,21 +338,11 @@ class LiveSources:
             src.last_used = src.current_started
             return list(src.current)
 
-    def take_latest(self, stream_id: str) -> Frame | None:
-        """The newest frame (kept in the ring), marked as the running prompt's frame; None if none."""
-        frames = self.take_group(stream_id, 1)
-        return frames[-1] if frames else None
-
     def group_seqs(self, stream_id: str, count: int = 1) -> tuple[int, ...]:
         """The sequence numbers :meth:`take_group` would take now (() when none): a cache key."""
         with self._lock:
             src = self._sources.get(stream_id)
             return tuple(f.seq for f in _group(src.frames, count)) if src is not None and src.frames else ()
-
-    def latest_seq(self, stream_id: str) -> int:
-        with self._lock:
-            src = self._sources.get(stream_id)
-            return src.frames[-1].seq if src is not None and src.frames else -1
 
     def owner_and_current(self, stream_id: str, sent: int = 1) -> tuple[str | None, list[Frame], float]:
         """For ``sent`` output frames: (owner client id, the frames the prompt took, when it took them)."""
@@ -455,8 +446,13 @@ def _group(frames: deque, count: int) -> list[Frame]:
     return [newest[0]] * (count - len(newest)) + newest
 
 
+def valid_frames_per_prompt(value) -> bool:
+    """Whether ``value`` is a whole number from 1 to ``MAX_FRAMES_PER_PROMPT``."""
+    return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= MAX_FRAMES_PER_PROMPT
+
+
 def _check_frames_per_prompt(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FRAMES_PER_PROMPT:
+    if not valid_frames_per_prompt(value):
         raise LiveError(
             400, f"frames_per_prompt must be a whole number from 1 to {MAX_FRAMES_PER_PROMPT}, got {value!r}"
         )
