@@ -5,9 +5,11 @@
 // token, and the workflow is queued once per `frames_per_prompt` frames (a group: uploaded first, then
 // its prompt queued; Live Input takes the newest whole group). At most `max_in_flight` prompts are
 // queued at a time; a frame that comes while all slots are busy is dropped before it is drawn or
-// encoded (never an unbounded queue).
+// encoded (never an unbounded queue). The prompts are queued under the live channel's websocket
+// client id (js/live_channel.js), not the tab's: their execution events do not reach the front end.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { coalesceStatus, liveChannel } from "./live_channel.js";
 
 const NODE_TYPE = "TurboStreamLiveInput";
 const TOKEN_HEADER = "X-TurboStream-Token";
@@ -18,6 +20,7 @@ const SOURCES = ["webcam", "video file"];
 const TIMING_WINDOW = 100;
 const PROMPT_REFRESH_MS = 250;
 const STATUS_REFRESH_MS = 500;
+const FORGET_EVERY_MS = 1000;
 
 function widgetOf(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -122,6 +125,7 @@ class LiveSession {
 
   // Claim the stream id for this tab; another tab holding it makes us pick a suffixed id.
   async openSource() {
+    await liveChannel.connect();
     const idWidget = widgetOf(this.node, "stream_id");
     const base = String(idWidget?.value || "webcam");
     let id = base;
@@ -129,7 +133,7 @@ class LiveSession {
       const res = await api.fetchApi(`/turbostream/live/${encodeURIComponent(id)}/open`, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ client_id: api.clientId, frames_per_prompt: valueOf(this.node, "frames_per_prompt", 1) }),
+        body: JSON.stringify({ client_id: liveChannel.clientId, frames_per_prompt: valueOf(this.node, "frames_per_prompt", 1) }),
       });
       const body = await res.json().catch(() => ({}));
       if (res.status === 409) {
@@ -156,7 +160,9 @@ class LiveSession {
       this.reserved -= 1;
     }
     this.closeMedia();
+    this.forgetNow();
     this.message = reason;
+    this.onStop?.();
     this.viewUrl = null; // closing the stream ends its views
     if (this.token) {
       const token = this.token;
@@ -182,25 +188,39 @@ class LiveSession {
     }
   }
 
+  // Prompt `promptId` ended (the live channel saw its execution_success, _error or _interrupted).
   finish(promptId, failed) {
-    if (!this.inFlight.delete(promptId)) return false;
+    if (!this.inFlight.delete(promptId)) return;
     this.freedAt ??= performance.now();
     if (!failed) this.refill();
     this.stats.done += 1;
-    if (failed) this.stats.errors += 1;
-    else this.forget(promptId);
-    return true;
+    if (failed) {
+      this.stats.errors += 1;
+      if (this.running) this.stop("stopped: the workflow failed (see the error)");
+    } else {
+      this.forget(promptId);
+    }
   }
 
-  // A finished frame's history entry goes: the front end re-reads the history after every prompt
-  // (two "status" messages each), so thousands of live frames would make each re-read heavier and
-  // push the user's own results out of the history. Failed frames stay, with their error.
+  // A finished frame's history entry goes: the front end re-reads the history after queue changes,
+  // so thousands of live frames would make each re-read heavier and push the user's own results out
+  // of the history. Failed frames stay, with their error. One request per FORGET_EVERY_MS.
   forget(promptId) {
+    (this.forgotten ??= []).push(promptId);
+    this.forgetTimer ??= setTimeout(() => this.forgetNow(), FORGET_EVERY_MS);
+  }
+
+  forgetNow() {
+    clearTimeout(this.forgetTimer);
+    this.forgetTimer = null;
+    const ids = this.forgotten ?? [];
+    this.forgotten = [];
+    if (!ids.length) return;
     api
       .fetchApi("/history", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ delete: [promptId] }),
+        body: JSON.stringify({ delete: ids }),
       })
       .catch(() => {});
   }
@@ -266,6 +286,7 @@ class LiveSession {
       const promptId = await this.queue();
       const t3 = performance.now();
       this.inFlight.set(promptId, t3);
+      liveChannel.track(promptId, (failed) => this.finish(promptId, failed));
       this.record({ capture: t1 - t0, upload: t2 - t1, queue: t3 - t2, idle: this.freedAt ? t0 - this.freedAt : null });
       this.freedAt = null;
       this.stats.queued += 1;
@@ -298,7 +319,7 @@ class LiveSession {
     const res = await api.fetchApi("/prompt", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt: output, client_id: api.clientId }),
+      body: JSON.stringify({ prompt: output, client_id: liveChannel.clientId }),
     });
     const body = await res.json().catch(() => ({}));
     if (!res.ok) {
@@ -324,25 +345,17 @@ class LiveSession {
 }
 
 const sessions = new Set();
-
-function onPromptEnd(failed) {
-  return (event) => {
-    const id = event.detail?.prompt_id;
-    for (const s of sessions) {
-      if (s.finish(id, failed) && failed && s.running) {
-        s.stop("stopped: the workflow failed (see the error)");
-      }
-    }
-  };
-}
+const isLive = () => [...sessions].some((s) => s.running);
+let statusHold = { flush() {} };
 
 app.registerExtension({
   name: "turbostream.liveInput",
 
   async setup() {
-    api.addEventListener("execution_success", onPromptEnd(false));
-    api.addEventListener("execution_error", onPromptEnd(true));
-    api.addEventListener("execution_interrupted", onPromptEnd(true));
+    statusHold = coalesceStatus(isLive);
+    liveChannel.closeListeners.add(() => {
+      for (const s of sessions) if (s.running) s.stop("stopped: lost the live connection to the server");
+    });
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -352,6 +365,9 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       const session = new LiveSession(this);
+      session.onStop = () => {
+        if (!isLive()) statusHold.flush();
+      };
       this.turbostreamLive = session;
       sessions.add(session);
 
