@@ -1,7 +1,8 @@
 """The live loop in the real front end (Chromium, fake camera) vs the Python live client, same workflow.
 
 A: the bundled UI workflow ``example_workflows/live_webcam_img2img.json`` in the host's front end,
-   Start pressed on Live Input (``js/live_input.js``), 64x64, target 30 fps, 2 prompts in flight;
+   Start pressed on Live Input (``js/live_input.js``, its prompts queued under the live channel's own
+   client id, ``js/live_channel.js``), 64x64, target 30 fps, 2 prompts in flight;
    frames per second = Live Output frames over the measuring window.
 B: the same workflow in API form driven by ``turbostream.live_client`` (what a script or OBS plugin
    would do): upload a frame, queue, at most 2 in flight, frames of the bundled clip as JPEG.

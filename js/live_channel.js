@@ -1,5 +1,5 @@
-// turbostream.liveChannel: the live prompts' own websocket, and the tab's queue refreshes kept to a
-// few per second while live.
+// turbostream.liveChannel: the live prompts' own websocket, and the tab's queue refreshes held to one
+// a second while live.
 //
 // The host sends a prompt's execution events (execution_start, executing, progress, executed, ...)
 // to the websocket client id the prompt was queued under. Under the tab's own id, the front end
@@ -12,6 +12,7 @@
 // The host also broadcasts "status" after every queue change, and the front end re-reads the queue and
 // history for each; while a session is live, these are passed on at most every STATUS_COALESCE_MS
 // (always the newest, and at once when the last session stops).
+import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const FRAME_EVENT = "turbostream.live.frame";
@@ -40,6 +41,16 @@ class LiveChannel {
     this.prompts = new Map(); // prompt_id -> (failed, detail) => void, for prompts queued here
     this.early = new Map(); // prompt_id -> [failed, detail]: ended before POST /prompt's answer was read
     this.closeListeners = new Set();
+    this.live = new Set(); // the live sessions running in this tab
+    this.statusHold = { flush() {} };
+  }
+
+  setLive(session, running) {
+    if (running) {
+      this.live.add(session);
+    } else if (this.live.delete(session) && !this.live.size) {
+      this.statusHold.flush(); // the last one stopped: the newest queue state, now
+    }
   }
 
   // Resolves once the host has registered this client id (its first "status" names it).
@@ -116,7 +127,7 @@ export const liveChannel = new LiveChannel();
 
 // While `isLive()`, the front end's "status" listeners get the newest status at most every
 // STATUS_COALESCE_MS; `flush()` hands on a held one at once.
-export function coalesceStatus(isLive) {
+function coalesceStatus(isLive) {
   const dispatch = typeof api.dispatchCustomEvent === "function" ? api.dispatchCustomEvent.bind(api) : null;
   if (!dispatch) return { flush() {} };
   let held = null;
@@ -141,3 +152,11 @@ export function coalesceStatus(isLive) {
   };
   return { flush };
 }
+
+app.registerExtension({
+  name: "turbostream.liveChannel",
+
+  async setup() {
+    liveChannel.statusHold = coalesceStatus(() => liveChannel.live.size > 0);
+  },
+});

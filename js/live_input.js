@@ -9,7 +9,7 @@
 // client id (js/live_channel.js), not the tab's: their execution events do not reach the front end.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { coalesceStatus, liveChannel } from "./live_channel.js";
+import { liveChannel } from "./live_channel.js";
 
 const NODE_TYPE = "TurboStreamLiveInput";
 const TOKEN_HEADER = "X-TurboStream-Token";
@@ -72,6 +72,7 @@ class LiveSession {
       throw err;
     }
     this.running = true;
+    liveChannel.setLive(this, true);
     this.width = valueOf(this.node, "width", 512);
     this.height = valueOf(this.node, "height", 512);
     this.maxInFlight = valueOf(this.node, "max_in_flight", 2);
@@ -162,7 +163,7 @@ class LiveSession {
     this.closeMedia();
     this.forgetNow();
     this.message = reason;
-    this.onStop?.();
+    liveChannel.setLive(this, false);
     this.viewUrl = null; // closing the stream ends its views
     if (this.token) {
       const token = this.token;
@@ -345,14 +346,11 @@ class LiveSession {
 }
 
 const sessions = new Set();
-const isLive = () => [...sessions].some((s) => s.running);
-let statusHold = { flush() {} };
 
 app.registerExtension({
   name: "turbostream.liveInput",
 
   async setup() {
-    statusHold = coalesceStatus(isLive);
     liveChannel.closeListeners.add(() => {
       for (const s of sessions) if (s.running) s.stop("stopped: lost the live connection to the server");
     });
@@ -365,9 +363,6 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       const session = new LiveSession(this);
-      session.onStop = () => {
-        if (!isLive()) statusHold.flush();
-      };
       this.turbostreamLive = session;
       sessions.add(session);
 

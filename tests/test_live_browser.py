@@ -167,6 +167,50 @@ def test_live_webcam_in_the_browser(browser, host, tmp_path):
     assert not errors_a and not errors_b, errors_a + errors_b
 
 
+def test_live_failure_reaches_the_front_end(browser, host):
+    """Live prompts go under the live channel's own websocket client id, so the front end gets none of
+    their execution events; a failing one still reaches it (the error dialog) and stops the session."""
+    context, page, errors = open_live_workflow(browser, host)
+    page.evaluate(
+        """() => {
+            window.__tsErrors = [];
+            window.__tsExecuting = 0;
+            window.ts.api().addEventListener('execution_error', (e) => window.__tsErrors.push(e.detail));
+            window.ts.api().addEventListener('executing', () => window.__tsExecuting++);
+            window.__tsStatus = [];
+            window.ts.api().addEventListener('status', (e) => window.__tsStatus.push(e.detail));
+        }"""
+    )
+    try:
+        start_or_stop(page)
+        wait_for_frames(page, 3)
+        assert page.evaluate("() => window.__tsExecuting") == 0, "the tab got the live prompts' execution events"
+        # the host broadcasts "status" twice per prompt; while live the tab's listeners get one a second
+        q0, n0, t0 = view_stats(page)["queued"], page.evaluate("() => window.__tsStatus.length"), time.monotonic()
+        time.sleep(4)
+        queued, statuses = view_stats(page)["queued"] - q0, page.evaluate("() => window.__tsStatus.length") - n0
+        assert statuses <= time.monotonic() - t0 + 2 and statuses < queued, (statuses, queued)
+        # frame_buffer_size 2 against frames_per_prompt 1: the next prompt fails in Live Img2Img
+        page.evaluate("() => { window.ts.widget('TurboStreamLiveImg2Img', 'frame_buffer_size').value = 2; }")
+        page.wait_for_function("() => window.__tsErrors.length > 0", timeout=60_000)
+        error = page.evaluate("() => window.__tsErrors[0]")
+        assert error["node_type"] == "TurboStreamLiveImg2Img", error
+        assert "frames_per_prompt" in error["exception_message"], error
+        page.wait_for_function("() => !window.ts.node('TurboStreamLiveInput').turbostreamLive.running", timeout=30_000)
+        assert "the workflow failed" in view_stats(page)["message"]
+        # the front end shows it as for any prompt: its error dialog with the message (front end 1.32),
+        # or its error overlay naming the node (1.49)
+        shown = page.get_by_text("(frame_buffer_size), got shape").or_(
+            page.get_by_text("Live Img2Img (stream batch) failed")
+        )
+        shown.first.wait_for(timeout=30_000)
+        # stopped: the newest status reaches the front end (the queue it shows is empty again)
+        page.wait_for_function("() => window.__tsStatus.at(-1)?.exec_info?.queue_remaining === 0", timeout=30_000)
+    finally:
+        context.close()
+    assert not errors, errors
+
+
 def _open_front_end(browser, host, width=1280, height=800):
     """A fresh tab on the host's front end, once the pack's node types are registered."""
     for key, value in FRONT_END_SETTINGS.items():
