@@ -2,8 +2,10 @@
 
 ``TurboStreamLiveInput`` takes the newest frame a client uploaded for its ``stream_id``;
 ``TurboStreamLiveOutput`` pushes output frames over the websocket to that client only. The
-front-end half is ``js/live_input.js`` (capture, upload, queue with a bounded number in flight) and
-``js/live_output.js`` (the live view). Rules and limits: ``turbostream/live.py``.
+front-end half is ``js/live_input.js`` (capture, upload, queue with a bounded number in flight),
+``js/live_channel.js`` (the websocket client id the browser's live prompts run under, so the tab is
+spared their execution events) and ``js/live_output.js`` (the live view). Rules and limits:
+``turbostream/live.py``.
 """
 
 from __future__ import annotations
