@@ -14,6 +14,7 @@ const FPS_FRAMES = 10; // fps over the last 10 arrivals
 const LATENCY_WINDOW = 30;
 const PACED_MAX = 8;
 const PACED_GAP_MAX_MS = 250;
+const OVERLAY_REFRESH_MS = 250; // re-laying out the text costs the tab more than showing a frame
 
 class LiveView {
   constructor() {
@@ -25,6 +26,7 @@ class LiveView {
     this.latencyMs = null;
     this.pending = [];
     this.timer = null;
+    this.overlayAt = -Infinity;
 
     this.element = document.createElement("div");
     Object.assign(this.element.style, { position: "relative", width: "100%", height: "100%", background: "#111" });
@@ -79,6 +81,8 @@ class LiveView {
       const sorted = [...this.latencies].sort((a, b) => a - b);
       this.latencyMs = sorted[Math.floor(sorted.length / 2)];
     }
+    if (now - this.overlayAt < OVERLAY_REFRESH_MS) return;
+    this.overlayAt = now;
     const latency = this.latencyMs === null ? "–" : `${Math.round(this.latencyMs)} ms`;
     this.overlay.textContent = `${this.fps.toFixed(1)} fps · latency ${latency} · ${detail.width}x${detail.height}`;
   }
