@@ -34,8 +34,7 @@ function socketUrl(clientId) {
 
 class LiveChannel {
   constructor() {
-    const random = globalThis.crypto?.randomUUID?.() ?? Math.random().toString(36).slice(2);
-    this.clientId = `turbostream-live-${random}`.slice(0, 64);
+    this.clientId = null;
     this.socket = null;
     this.ready = null;
     this.prompts = new Map(); // prompt_id -> (failed, detail) => void, for prompts queued here
@@ -53,9 +52,12 @@ class LiveChannel {
     }
   }
 
-  // Resolves once the host has registered this client id (its first "status" names it).
+  // Resolves once the host has registered this client id (its first "status" names it). Each
+  // connection gets a new id: the host's clean-up of a closed socket could otherwise drop its successor.
   connect() {
     if (this.ready) return this.ready;
+    const random = globalThis.crypto?.randomUUID?.() ?? Math.random().toString(36).slice(2);
+    this.clientId = `turbostream-live-${random}`.slice(0, 64);
     const socket = new WebSocket(socketUrl(this.clientId));
     socket.binaryType = "arraybuffer"; // previews, if the host sends any: not wanted here
     this.socket = socket;

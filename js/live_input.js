@@ -352,7 +352,10 @@ app.registerExtension({
 
   async setup() {
     liveChannel.closeListeners.add(() => {
-      for (const s of sessions) if (s.running) s.stop("stopped: lost the live connection to the server");
+      for (const s of sessions) {
+        s.inFlight.clear(); // their end events went with the connection
+        if (s.running) s.stop("stopped: lost the live connection to the server");
+      }
     });
   },
 
