@@ -38,7 +38,7 @@ class LiveChannel {
     this.socket = null;
     this.ready = null;
     this.prompts = new Map(); // prompt_id -> (failed, detail) => void, for prompts queued here
-    this.early = new Map(); // prompt_id -> [failed, detail]: ended before POST /prompt's answer was read
+    this.early = new Map(); // prompt_id -> [failed, detail, type]: ended before POST /prompt's answer was read
     this.closeListeners = new Set();
     this.live = new Set(); // the live sessions running in this tab
     this.statusHold = { flush() {} };
@@ -95,7 +95,8 @@ class LiveChannel {
     return this.ready;
   }
 
-  // Call `done(failed, detail)` when prompt `promptId` (queued under this.clientId) ends.
+  // Call `done(failed, detail, type)` when prompt `promptId` (queued under this.clientId) ends; `type`
+  // is execution_success, execution_error or execution_interrupted.
   track(promptId, done) {
     const ended = this.early.get(promptId);
     if (ended) {
@@ -117,9 +118,9 @@ class LiveChannel {
     this.prompts.delete(data.prompt_id);
     if (type === "execution_error") dispatchToFrontEnd(type, data); // the front end shows it as for any prompt
     if (done) {
-      done(failed, data);
+      done(failed, data, type);
     } else {
-      this.early.set(data.prompt_id, [failed, data]);
+      this.early.set(data.prompt_id, [failed, data, type]);
       if (this.early.size > EARLY_MAX) this.early.delete(this.early.keys().next().value);
     }
   }

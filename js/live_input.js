@@ -190,14 +190,16 @@ class LiveSession {
   }
 
   // Prompt `promptId` ended (the live channel saw its execution_success, _error or _interrupted).
-  finish(promptId, failed) {
+  finish(promptId, failed, interrupted = false) {
     if (!this.inFlight.delete(promptId)) return;
     this.freedAt ??= performance.now();
     if (!failed) this.refill();
     this.stats.done += 1;
     if (failed) {
       this.stats.errors += 1;
-      if (this.running) this.stop("stopped: the workflow failed (see the error)");
+      if (this.running) {
+        this.stop(interrupted ? "stopped: the prompt was interrupted" : "stopped: the workflow failed (see the error)");
+      }
     } else {
       this.forget(promptId);
     }
@@ -287,12 +289,13 @@ class LiveSession {
       const promptId = await this.queue();
       const t3 = performance.now();
       this.inFlight.set(promptId, t3);
-      liveChannel.track(promptId, (failed) => this.finish(promptId, failed));
+      liveChannel.track(promptId, (failed, _, type) => this.finish(promptId, failed, type === "execution_interrupted"));
       this.record({ capture: t1 - t0, upload: t2 - t1, queue: t3 - t2, idle: this.freedAt ? t0 - this.freedAt : null });
       this.freedAt = null;
       this.stats.queued += 1;
-      if (t3 - (this.shownAt ?? 0) > STATUS_REFRESH_MS) {
-        // the status line redraws the canvas: at most twice a second, not per frame
+      if (this.running && t3 - (this.shownAt ?? 0) > STATUS_REFRESH_MS) {
+        // the status line redraws the canvas: at most twice a second, not per frame (and not over
+        // the reason of a stop that came while this prompt was being queued)
         this.shownAt = t3;
         this.message = `live: ${this.streamId} · ${this.stats.queued} queued · ${this.stats.dropped} dropped`;
       }

@@ -212,9 +212,9 @@ def test_live_failure_reaches_the_front_end(browser, host):
     assert not errors, errors
 
 
-def test_live_connection_lost_and_started_again(browser, host):
+def test_live_connection_lost_started_again_and_interrupted(browser, host):
     """The live channel's websocket closing stops the session with a message (its prompts' end events
-    are gone with it); Start opens a new connection and frames flow again."""
+    are gone with it); Start opens a new connection and frames flow again; an interrupt stops it."""
     from turbostream.host import PACK_FOLDER_NAME
 
     context, page, errors = open_live_workflow(browser, host)
@@ -230,7 +230,15 @@ def test_live_connection_lost_and_started_again(browser, host):
         start_or_stop(page)
         again = wait_for_frames(page, first["frames"] + 2)
         assert again["running"] and again["streamId"] == first["streamId"], again
-        start_or_stop(page)
+        # what the front end's Cancel button sends with no prompt of its own running: the live prompt
+        # running is interrupted, and the session stops saying so (the host clears an interrupt that
+        # comes between two prompts when the next starts: pressed again until one lands)
+        deadline = time.monotonic() + 30
+        while view_stats(page)["running"]:
+            assert time.monotonic() < deadline, "no interrupt reached a live prompt"
+            host.post_json("/interrupt", {})
+            time.sleep(0.3)
+        assert view_stats(page)["message"] == "stopped: the prompt was interrupted"
     finally:
         context.close()
     assert not errors, errors
