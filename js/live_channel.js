@@ -15,7 +15,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const FRAME_EVENT = "turbostream.live.frame";
+export const FRAME_EVENT = "turbostream.live.frame"; // what Live Output pushes
 const OPEN_TIMEOUT_MS = 10000;
 const STATUS_COALESCE_MS = 1000;
 const EARLY_MAX = 64;
@@ -37,8 +37,8 @@ class LiveChannel {
     this.clientId = null;
     this.socket = null;
     this.ready = null;
-    this.prompts = new Map(); // prompt_id -> (failed, detail) => void, for prompts queued here
-    this.early = new Map(); // prompt_id -> [failed, detail, type]: ended before POST /prompt's answer was read
+    this.prompts = new Map(); // prompt_id -> (type, detail) => void, for prompts queued here
+    this.early = new Map(); // prompt_id -> [type, detail]: ended before POST /prompt's answer was read
     this.closeListeners = new Set();
     this.live = new Set(); // the live sessions running in this tab
     this.statusHold = { flush() {} };
@@ -95,8 +95,8 @@ class LiveChannel {
     return this.ready;
   }
 
-  // Call `done(failed, detail, type)` when prompt `promptId` (queued under this.clientId) ends; `type`
-  // is execution_success, execution_error or execution_interrupted.
+  // Call `done(type, detail)` when prompt `promptId` (queued under this.clientId) ends; `type` is
+  // execution_success, execution_error or execution_interrupted.
   track(promptId, done) {
     const ended = this.early.get(promptId);
     if (ended) {
@@ -113,14 +113,13 @@ class LiveChannel {
       return;
     }
     if (type !== "execution_success" && type !== "execution_error" && type !== "execution_interrupted") return;
-    const failed = type !== "execution_success";
     const done = this.prompts.get(data.prompt_id);
     this.prompts.delete(data.prompt_id);
     if (type === "execution_error") dispatchToFrontEnd(type, data); // the front end shows it as for any prompt
     if (done) {
-      done(failed, data, type);
+      done(type, data);
     } else {
-      this.early.set(data.prompt_id, [failed, data, type]);
+      this.early.set(data.prompt_id, [type, data]);
       if (this.early.size > EARLY_MAX) this.early.delete(this.early.keys().next().value);
     }
   }

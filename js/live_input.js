@@ -189,15 +189,17 @@ class LiveSession {
     }
   }
 
-  // Prompt `promptId` ended (the live channel saw its execution_success, _error or _interrupted).
-  finish(promptId, failed, interrupted = false) {
+  // Prompt `promptId` ended: `type` is the live channel's execution_success, _error or _interrupted.
+  finish(promptId, type) {
     if (!this.inFlight.delete(promptId)) return;
+    const failed = type !== "execution_success";
     this.freedAt ??= performance.now();
     if (!failed) this.refill();
     this.stats.done += 1;
     if (failed) {
       this.stats.errors += 1;
       if (this.running) {
+        const interrupted = type === "execution_interrupted";
         this.stop(interrupted ? "stopped: the prompt was interrupted" : "stopped: the workflow failed (see the error)");
       }
     } else {
@@ -289,7 +291,7 @@ class LiveSession {
       const promptId = await this.queue();
       const t3 = performance.now();
       this.inFlight.set(promptId, t3);
-      liveChannel.track(promptId, (failed, _, type) => this.finish(promptId, failed, type === "execution_interrupted"));
+      liveChannel.track(promptId, (type) => this.finish(promptId, type));
       this.record({ capture: t1 - t0, upload: t2 - t1, queue: t3 - t2, idle: this.freedAt ? t0 - this.freedAt : null });
       this.freedAt = null;
       this.stats.queued += 1;

@@ -7,9 +7,9 @@
 // capture intervals, not all at once; at most PACED_MAX wait, the oldest give way.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { FRAME_EVENT } from "./live_channel.js";
 
 const NODE_TYPE = "TurboStreamLiveOutput";
-const FRAME_EVENT = "turbostream.live.frame";
 const FPS_FRAMES = 10; // fps over the last 10 arrivals
 const LATENCY_WINDOW = 30;
 const PACED_MAX = 8;

@@ -117,6 +117,12 @@ def wait_for_frames(page, n, timeout=120):
     raise AssertionError(f"only {view_stats(page)['frames']} frames arrived in {timeout} s")
 
 
+def wait_until_stopped(page, timeout=30):
+    page.wait_for_function(
+        "() => !window.ts.node('TurboStreamLiveInput').turbostreamLive.running", timeout=timeout * 1000
+    )
+
+
 def test_live_webcam_in_the_browser(browser, host, tmp_path):
     ctx_a, page_a, errors_a = open_live_workflow(browser, host, 1920, 1080)
     ctx_b, page_b, errors_b = open_live_workflow(browser, host, 800, 600)
@@ -197,7 +203,7 @@ def test_live_failure_reaches_the_front_end(browser, host):
         error = page.evaluate("() => window.__tsErrors[0]")
         assert error["node_type"] == "TurboStreamLiveImg2Img", error
         assert "frames_per_prompt" in error["exception_message"], error
-        page.wait_for_function("() => !window.ts.node('TurboStreamLiveInput').turbostreamLive.running", timeout=30_000)
+        wait_until_stopped(page)
         assert "the workflow failed" in view_stats(page)["message"]
         # the front end shows it as for any prompt: its error dialog with the message (front end 1.32),
         # or its error overlay naming the node (1.49)
@@ -225,7 +231,7 @@ def test_live_connection_lost_started_again_and_interrupted(browser, host):
             "async (url) => (await import(url)).liveChannel.socket.close()",
             f"/extensions/{PACK_FOLDER_NAME}/live_channel.js",
         )
-        page.wait_for_function("() => !window.ts.node('TurboStreamLiveInput').turbostreamLive.running", timeout=30_000)
+        wait_until_stopped(page)
         assert view_stats(page)["message"] == "stopped: lost the live connection to the server"
         start_or_stop(page)
         again = wait_for_frames(page, first["frames"] + 2)
